@@ -1,0 +1,3 @@
+"""LAM: config-driven experiments with small language models."""
+
+__version__ = "0.1.0"

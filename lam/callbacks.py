@@ -1,0 +1,83 @@
+"""Callbacks: training throughput and sample generations."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from rich.console import Console
+from rich.panel import Panel
+from rich.text import Text
+
+from lam.models import stream
+
+
+class Throughput(L.Callback):
+    """Logs `tokens_per_sec` (all ranks together, averaged over the last `window` steps) and `elapsed_s`,
+    the wall time since training started."""
+
+    def __init__(self, window: int = 10):
+        self.window = window
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start = self.mark = time.perf_counter()
+        self.tokens = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.tokens += batch[0].numel() * trainer.world_size
+        if (batch_idx + 1) % self.window == 0:
+            now = time.perf_counter()
+            pl_module.log("tokens_per_sec", self.tokens / (now - self.mark), prog_bar=True)
+            pl_module.log("elapsed_s", now - self.start)
+            self.mark, self.tokens = now, 0
+
+
+class SampleText(L.Callback):
+    """Generates text from fixed prompts: after every `every_n_validations`-th validation (0: never) and at the
+    end of training. Prints each sample and appends it to `samples.jsonl` in the run folder."""
+
+    def __init__(self, prompts: list[str], max_new_tokens: int = 200, temperature: float = 0.8,
+                 top_k: int | None = 200, every_n_validations: int = 0, seed: int = 0, output_dir: str = "."):
+        self.prompts, self.max_new_tokens, self.temperature, self.top_k = list(prompts), max_new_tokens, \
+            temperature, top_k
+        self.every_n_validations, self.seed = every_n_validations, seed
+        self.path = Path(output_dir) / "samples.jsonl"
+        self.validations = 0
+
+    def samples(self, trainer, pl_module) -> list[tuple[str, str]]:
+        tokenizer = trainer.datamodule.tokenizer
+        generator = torch.Generator(pl_module.device).manual_seed(self.seed)
+        out = []
+        was_training = pl_module.training
+        pl_module.eval()
+        for prompt in self.prompts:
+            idx = torch.tensor([tokenizer.encode(prompt)], device=pl_module.device)
+            new = torch.cat(list(stream(pl_module.net, idx, self.max_new_tokens, temperature=self.temperature,
+                                        top_k=self.top_k, generator=generator)), dim=1)
+            out.append((prompt, tokenizer.decode(new[0].tolist())))
+        pl_module.train(was_training)
+        return out
+
+    @rank_zero_only
+    def write(self, trainer, pl_module) -> None:
+        samples = self.samples(trainer, pl_module)
+        with open(self.path, "a", encoding="utf-8") as f:
+            for prompt, text in samples:
+                f.write(json.dumps({"step": trainer.global_step, "prompt": prompt, "sample": text}) + "\n")
+        console = Console()
+        for prompt, text in samples:
+            console.print(Panel(Text(prompt + text), title=f"sample at step {trainer.global_step}"))
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not self.every_n_validations:
+            return
+        self.validations += 1
+        if self.validations % self.every_n_validations == 0:
+            self.write(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.write(trainer, pl_module)

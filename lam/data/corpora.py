@@ -1,0 +1,128 @@
+"""Where text comes from: a named corpus downloaded once into the data folder, or the user's files.
+
+A source yields its documents as (name, text) pairs and a fingerprint of its content, which keys the token cache.
+Every text must be UTF-8; a file that is not names the file and the byte offset of the first bad byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+from lam.errors import UserError
+
+DOWNLOAD_TIMEOUT_S = 30
+
+
+def default_data_dir() -> Path:
+    """$LAM_DATA_DIR, else ~/.cache/lam/data."""
+    return Path(os.environ.get("LAM_DATA_DIR") or Path.home() / ".cache" / "lam" / "data").expanduser()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def decode_utf8(raw: bytes, path: Path, errors: str = "strict") -> str:
+    try:
+        return raw.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text: invalid byte 0x{raw[e.start]:02x} at offset {e.start} "
+                        f"(data.errors=replace reads it anyway)") from None
+
+
+class Download:
+    """A public corpus: used from `data_dir` when present, otherwise downloaded there, sha256-checked."""
+
+    def __init__(self, url: str, sha256: str, filename: str, data_dir: str | None = None, errors: str = "strict"):
+        self.url, self.sha256, self.filename, self.errors = url, sha256, filename, errors
+        self.data_dir = Path(data_dir).expanduser() if data_dir else default_data_dir()
+
+    @property
+    def path(self) -> Path:
+        return self.data_dir / self.filename
+
+    def fetch(self) -> Path:
+        path = self.path
+        if path.exists():
+            if sha256_file(path) != self.sha256:
+                raise UserError(f"{path} does not have the expected sha256 {self.sha256[:12]}…: "
+                                f"delete it to download {self.url} again")
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{self.filename}.", delete=False) as tmp:
+            try:
+                self._download(tmp)
+                tmp.close()
+                if (digest := sha256_file(Path(tmp.name))) != self.sha256:
+                    raise UserError(f"download of {self.url} has sha256 {digest[:12]}…, "
+                                    f"expected {self.sha256[:12]}…")
+                os.replace(tmp.name, path)  # only a complete, verified file ever has the final name
+            finally:
+                Path(tmp.name).unlink(missing_ok=True)
+        return path
+
+    def _download(self, out) -> None:
+        try:
+            response = urllib.request.urlopen(self.url, timeout=DOWNLOAD_TIMEOUT_S)
+        except OSError as e:
+            raise UserError(f"could not download {self.url} ({e}); put {self.filename} in {self.data_dir} "
+                            f"or point LAM_DATA_DIR at a folder that has it") from None
+        total = int(response.headers.get("Content-Length") or 0) or None
+        columns = (TextColumn(self.filename), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+        with response, Progress(*columns, transient=True) as progress:
+            task = progress.add_task("download", total=total)
+            for block in iter(lambda: response.read(1 << 16), b""):
+                out.write(block)
+                progress.advance(task, len(block))
+
+    def documents(self) -> Iterator[tuple[str, str]]:
+        path = self.fetch()
+        yield path.name, decode_utf8(path.read_bytes(), path, self.errors)
+
+    def fingerprint(self) -> str:
+        return self.sha256
+
+
+class LocalText:
+    """The user's own text: one file, or every file under a folder that matches `glob` (sorted by path)."""
+
+    def __init__(self, path: str, glob: str = "**/*.txt", errors: str = "strict"):
+        if path is None or str(path) in ("", "???"):
+            raise UserError("data=custom needs a file or folder: add data.path=PATH")
+        self.path, self.glob, self.errors = Path(path).expanduser(), glob, errors
+
+    def files(self) -> list[Path]:
+        if not self.path.exists():
+            raise UserError(f"{self.path} does not exist")
+        if self.path.is_file():
+            return [self.path]
+        files = sorted(p for p in self.path.glob(self.glob) if p.is_file())
+        if not files:
+            raise UserError(f"{self.path} has no files matching {self.glob!r} (set data.glob to choose others)")
+        return files
+
+    def documents(self) -> Iterator[tuple[str, str]]:
+        for path in self.files():
+            text = decode_utf8(path.read_bytes(), path, self.errors)
+            if not text.strip():
+                raise UserError(f"{path} is empty")
+            yield str(path), text
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for path in self.files():
+            digest.update(str(path.relative_to(self.path) if path != self.path else path.name).encode())
+            digest.update(sha256_file(path).encode())
+        return digest.hexdigest()
+

@@ -1,0 +1,96 @@
+"""The tokenizer interface, and the character tokenizer.
+
+Every tokenizer is built from its config (untrained), trained once by the DataModule on the training text, and
+then saved as a JSON-serialisable state dict with every run and checkpoint; `load_tokenizer` rebuilds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+
+
+class Tokenizer(ABC):
+    """Text <-> token ids. Subclasses set `vocab_size` once trained (or on construction if fixed)."""
+
+    vocab_size: int
+    eot_id: int | None = None  # id of the end-of-text token joining documents, where the tokenizer has one
+
+    @property
+    def needs_training(self) -> bool:
+        return False
+
+    def train(self, text: str) -> None:
+        """Learn the vocabulary from training text (a no-op for fixed vocabularies)."""
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]: ...
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    @abstractmethod
+    def config(self) -> dict:
+        """The constructor arguments plus whatever training learned: enough to rebuild an equal tokenizer."""
+
+    def state_dict(self) -> dict:
+        cls = type(self)
+        return {"class": f"{cls.__module__}.{cls.__qualname__}", **self.config()}
+
+    def fingerprint(self) -> str:
+        """A short hash of the tokenizer's identity: class, settings and trained vocabulary."""
+        blob = json.dumps(self.state_dict(), sort_keys=True, ensure_ascii=False).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.state_dict(), ensure_ascii=False, indent=1), encoding="utf-8")
+
+
+def load_tokenizer(state: dict | str | Path) -> Tokenizer:
+    """Rebuild a tokenizer from `Tokenizer.state_dict()` (a dict, or the path of a file that `save` wrote)."""
+    if not isinstance(state, dict):
+        state = json.loads(Path(state).read_text(encoding="utf-8"))
+    state = dict(state)
+    module, _, name = state.pop("class").rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    return cls(**state)
+
+
+class CharTokenizer(Tokenizer):
+    """One token per Unicode character of the corpus (nanoGPT's shakespeare_char). The alphabet is taken from
+    the whole text, validation included, so no validation character is unknown; it learns no statistics."""
+
+    vocab_from_all_text = True
+
+    def __init__(self, chars: str | None = None):
+        self.chars = chars
+        if chars is not None:
+            self._set_vocab(chars)
+
+    def _set_vocab(self, chars: str) -> None:
+        self.chars = chars
+        self.stoi = {c: i for i, c in enumerate(chars)}
+        self.vocab_size = len(chars)
+
+    @property
+    def needs_training(self) -> bool:
+        return self.chars is None
+
+    def train(self, text: str) -> None:
+        self._set_vocab("".join(sorted(set(text))))
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError as e:
+            raise ValueError(f"character {e.args[0]!r} is not in the tokenizer's vocabulary") from None
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def config(self) -> dict:
+        return {"chars": self.chars}

@@ -1,0 +1,80 @@
+"""The LightningModule: next-token cross-entropy, AdamW with weight-decay groups, warmup + cosine schedule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanMetric
+
+
+def param_groups(net: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices of linear layers; leave norms, biases and embeddings (and the head tied to one) alone."""
+    no_decay = {id(m.weight) for m in net.modules() if isinstance(m, (nn.Embedding, nn.LayerNorm))}
+    decay, other = [], []
+    for p in net.parameters():  # parameters() yields a tied weight once
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and id(p) not in no_decay else other).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+
+
+class LanguageModel(L.LightningModule):
+    """net: a model with `net(idx, state) -> (logits, state)`; optimizer: a partial taking parameter groups
+    (its `weight_decay` applies to the decayed group); scheduler: a partial taking the optimizer;
+    compile: torch.compile the net; config: the run's resolved config, saved in every checkpoint."""
+
+    def __init__(self, net: nn.Module, optimizer: Callable, scheduler: Callable | None = None,
+                 compile: bool = False, config: dict | None = None):
+        super().__init__()
+        self.net, self.optimizer, self.scheduler, self.config = net, optimizer, scheduler, config or {}
+        if compile:
+            self.net.compile()
+        self.val_loss = MeanMetric()
+        self.validated_at: int | None = None  # the global step of the latest validation
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.net(idx)[0]
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("lr", self.optimizers().param_groups[0]["lr"])
+        return loss
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Clip by global norm (when trainer.gradient_clip_val is set) and log the norm before clipping."""
+        norm = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val or math.inf)
+        self.log("grad_norm", norm)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self.val_loss.update(self.loss(batch), weight=batch[0].shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log_dict({"val/loss": loss, "val/ppl": loss.exp()}, prog_bar=True)
+        self.validated_at = self.global_step
+
+    def configure_optimizers(self):
+        weight_decay = getattr(self.optimizer, "keywords", {}).get("weight_decay", 0.0)
+        optimizer = self.optimizer(param_groups(self.net, weight_decay))
+        if self.scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Everything `lam.generate` needs to rebuild the model and its tokenizer from the file alone."""
+        checkpoint["lam"] = {"config": self.config}
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None:
+            checkpoint["lam"]["tokenizer"] = datamodule.tokenizer.state_dict()

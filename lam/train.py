@@ -1,0 +1,79 @@
+"""python -m lam.train [group=choice ...] [key=value ...]
+
+Composes conf/train.yaml with the overrides, builds the DataModule, the model and the Trainer from their
+`_target_`s, trains, and writes metrics.json beside the run's .hydra/config.yaml. Returns the final validation
+loss (what Optuna sweeps minimise).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from lam.config import config_dir, report_user_errors
+from lam.module import LanguageModel
+
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def instantiate_all(group: DictConfig | None) -> list:
+    """Objects of a dict-of-configs group (callbacks, logger); an entry set to null is left out."""
+    return [instantiate(c) for c in (group or {}).values() if c is not None]
+
+
+@rank_zero_only
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)  # never a half-written file under the final name
+
+
+def train(cfg: DictConfig) -> float:
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    net = instantiate(cfg.model, vocab_size=datamodule.vocab_size)
+    model = LanguageModel(net, optimizer=instantiate(cfg.optim), scheduler=instantiate(cfg.scheduler),
+                          compile=cfg.compile, config=OmegaConf.to_container(cfg, resolve=True))
+    trainer = instantiate(cfg.trainer, callbacks=instantiate_all(cfg.callbacks),
+                          logger=instantiate_all(cfg.logger) or False)
+
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    wall_s = time.perf_counter() - start
+    if model.validated_at != trainer.global_step:  # the run did not end on a validation: measure the end
+        trainer.validate(model, datamodule=datamodule, verbose=False)
+
+    tokens = trainer.global_step * trainer.accumulate_grad_batches * trainer.world_size \
+        * datamodule.batch_size * datamodule.block_size
+    checkpoint = trainer.checkpoint_callback
+    metrics = {
+        "val_loss": float(trainer.callback_metrics["val/loss"]),
+        "best_val_loss": float(checkpoint.best_model_score) if checkpoint and checkpoint.best_model_score
+        is not None else None,
+        "steps": trainer.global_step,
+        "tokens_seen": tokens,
+        "params": sum(p.numel() for p in net.parameters()),
+        "wall_s": round(wall_s, 2),
+        "tokens_per_sec": round(tokens / wall_s, 1) if cfg.ckpt_path is None else None,
+        "interrupted": trainer.interrupted,
+    }
+    write_json(Path(cfg.paths.output_dir) / "metrics.json", metrics)
+    return metrics["val_loss"]
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
+@report_user_errors
+def main(cfg: DictConfig) -> float:
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()

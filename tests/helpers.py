@@ -1,0 +1,62 @@
+"""Shared by the tests: composing configs, tiny run settings, a synthetic corpus, reading run folders."""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+import lightning as L
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from lam.config import config_dir
+
+# a run small enough for a few seconds of CPU, and a LAM decoder to match
+TINY_MODEL = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32"]
+TINY_RUN = [
+    "data.block_size=32", "data.batch_size=4", "data.eval_batches=2",
+    "trainer.max_steps=30", "trainer.val_check_interval=10", "trainer.log_every_n_steps=1",
+    "scheduler.warmup_steps=5", "optim.lr=3e-3",
+    "callbacks.samples.max_new_tokens=20", "callbacks.progress_bar=null", "+trainer.enable_progress_bar=false",
+    "callbacks.model_summary=null", "+trainer.enable_model_summary=false",
+]
+TINY = TINY_MODEL + TINY_RUN
+
+
+def compose_train(overrides: list[str], output_dir: Path) -> DictConfig:
+    """conf/train.yaml with the overrides, its run folder set to `output_dir`."""
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"])
+
+
+def write_corpus(path: Path, n_chars: int = 20_000, seed: int = 0) -> Path:
+    """Pseudo-English from a tiny vocabulary: structured enough that a model's loss falls within steps."""
+    rng = random.Random(seed)
+    words = "the a king queen speaks walks to from castle night day and with my lord sweet".split()
+    lines = []
+    while sum(map(len, lines)) < n_chars:
+        lines.append(" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))).capitalize() + ".")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def column(rows: list[dict], key: str) -> list[tuple[int, float]]:
+    """(step, value) of every row that logged `key`."""
+    return [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
+
+
+class StopAt(L.Callback):
+    """Stops training after `step` optimizer steps, as an interrupted run would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True

@@ -1,0 +1,90 @@
+"""Every config composes and builds; configs travel inside the wheel."""
+
+import itertools
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from hydra.utils import get_object, instantiate
+from omegaconf import OmegaConf
+
+from helpers import compose_train
+from lam.config import config_dir
+
+CONF = config_dir()
+ROOT = CONF.parent
+
+
+def choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("model,attention,data", itertools.product(
+    choices("model"), choices("attention"), choices("data")))
+def test_every_combination_composes_and_builds_a_model(model, attention, data, tmp_path):
+    cfg = compose_train([f"model={model}", f"attention={attention}", f"data={data}", "data.path=x.txt"]
+                        if data == "custom" else [f"model={model}", f"attention={attention}", f"data={data}"],
+                        tmp_path)
+    OmegaConf.resolve(cfg)
+    net = instantiate(cfg.model, vocab_size=65)
+    assert sum(p.numel() for p in net.parameters()) > 0
+    assert type(instantiate(cfg.data)).__name__ == "TextDataModule"
+
+
+def targets(node):
+    """Every `_target_` in a config tree."""
+    if OmegaConf.is_dict(node):
+        if "_target_" in node:
+            yield node._target_
+        for value in node.values():
+            yield from targets(value)
+    elif OmegaConf.is_list(node):
+        for value in node:
+            yield from targets(value)
+
+
+GROUPS = [p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "experiment")]
+
+
+@pytest.mark.parametrize("group,choice", [(g, c) for g in GROUPS for c in choices(g)])
+def test_every_group_yaml_composes_and_its_targets_exist(group, choice, tmp_path):
+    overrides = [f"{group}={choice}", "data=custom", "data.path=x.txt"] if group != "data" else \
+        [f"data={choice}", *(["data.path=x.txt"] if choice == "custom" else [])]
+    if group == "hparams_search":
+        pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    cfg = compose_train(overrides, tmp_path)
+    for target in targets(cfg[group]) if group in cfg else []:
+        assert get_object(target) is not None
+
+
+def test_cpu_trainer_callbacks_and_loggers_build(tmp_path):
+    cfg = compose_train([], tmp_path)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    assert trainer.max_steps == cfg.trainer.max_steps
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml")))
+def test_every_experiment_composes(experiment, tmp_path):
+    cfg = compose_train([f"experiment={experiment}"], tmp_path)
+    OmegaConf.resolve(cfg)
+    net = instantiate(cfg.model, vocab_size=65)
+    assert net is not None
+
+
+def test_unknown_group_option_is_a_composition_error(tmp_path):
+    with pytest.raises(ConfigCompositionException, match="attention"):
+        compose_train(["attention=quadratic"], tmp_path)
+
+
+def test_wheel_carries_the_configs(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path), str(ROOT)], check=True)
+    wheel, = tmp_path.glob("lam-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "lam/conf/train.yaml" in names and "lam/conf/attention/linear.yaml" in names
+    assert "lam/conf/experiment/shakespeare_char_cpu.yaml" in names

@@ -1,0 +1,96 @@
+"""Bad input: a clear one-line error, exit status 1, nothing half-written."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import TINY, compose_train
+from lam.errors import UserError
+from lam.generate import load_checkpoint
+from lam.train import train
+
+
+def train_on(path, tmp_path, *overrides):
+    return train(compose_train([*TINY, "data=custom", f"data.path={path}", *overrides], tmp_path / "run"))
+
+
+def test_missing_corpus_file(tmp_path):
+    with pytest.raises(UserError, match="nothing.txt does not exist"):
+        train_on(tmp_path / "nothing.txt", tmp_path)
+
+
+def test_empty_corpus_file(tmp_path):
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(UserError, match="empty.txt is empty"):
+        train_on(tmp_path / "empty.txt", tmp_path)
+
+
+def test_folder_without_text(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "image.png").write_bytes(b"\x89PNG")
+    with pytest.raises(UserError, match=r"has no files matching '\*\*/\*.txt'"):
+        train_on(tmp_path / "docs", tmp_path)
+
+
+def test_non_utf8_file_names_the_byte(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("café au lait\n".encode("latin-1") * 50)
+    with pytest.raises(UserError, match=r"latin1.txt is not UTF-8 text: invalid byte 0xe9 at offset 3"):
+        train_on(tmp_path / "latin1.txt", tmp_path)
+
+
+def test_non_utf8_file_can_be_read_with_replacement(tmp_path, corpus):
+    (tmp_path / "latin1.txt").write_bytes(corpus.read_bytes() + "café".encode("latin-1"))
+    assert train_on(tmp_path / "latin1.txt", tmp_path, "data.errors=replace", "trainer.max_steps=2") > 0
+
+
+def test_block_size_longer_than_validation_split(tmp_path):
+    (tmp_path / "short.txt").write_text("to be or not to be, that is the question\n" * 10)  # 41 val chars
+    with pytest.raises(UserError, match=r"data.block_size=64 does not fit: the val split has only 41 tokens"):
+        train_on(tmp_path / "short.txt", tmp_path, "data.block_size=64")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_checkpoint_that_does_not_exist(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_file_that_is_not_a_lam_checkpoint(tmp_path):
+    torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
+    with pytest.raises(UserError, match="not a LAM checkpoint"):
+        load_checkpoint(tmp_path / "other.ckpt")
+    (tmp_path / "garbage.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "garbage.ckpt")
+
+
+def test_checkpoint_that_does_not_match_its_model(tmp_path, corpus):
+    train_on(corpus, tmp_path, "trainer.max_steps=2")
+    path = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(path, weights_only=False)
+    checkpoint["lam"]["config"]["model"]["n_embd"] = 64
+    torch.save(checkpoint, path)
+    with pytest.raises(UserError, match="does not match its model config: size mismatch"):
+        load_checkpoint(path)
+
+
+def cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def test_cli_prints_one_line_and_exits_1(tmp_path):
+    result = cli("lam.train", "data=custom", f"data.path={tmp_path / 'nope.txt'}", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nope.txt'} does not exist"
+    assert "Traceback" not in result.stderr
+    result = cli("lam.generate", "ckpt=missing.ckpt", cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr.strip() == "error: checkpoint missing.ckpt does not exist"
+
+
+def test_cli_unknown_config_option_is_hydra_error(tmp_path):
+    result = cli("lam.train", "attention=quadratic", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Could not find 'attention/quadratic'" in result.stderr
+    assert "Available options" in result.stderr and "linear" in result.stderr

@@ -1,0 +1,78 @@
+"""End to end: train a tiny model for a few steps on the CPU, checkpoint, resume, generate."""
+
+import io
+import json
+
+import pytest
+import torch
+
+from helpers import TINY, TINY_MODEL, TINY_RUN, column, compose_train, read_metrics
+from lam.generate import load_checkpoint, sample
+from lam.train import train
+
+pytestmark = pytest.mark.slow
+
+
+def run(tmp_path, corpus, *overrides, name="run", tiny=TINY):
+    out = tmp_path / name
+    cfg = compose_train([*tiny, "data=custom", f"data.path={corpus}", *overrides], out)
+    return train(cfg), out
+
+
+@pytest.mark.parametrize("attention", ["linear", "softmax"])
+def test_training_learns_checkpoints_and_generates(attention, tmp_path, corpus):
+    val_loss, out = run(tmp_path, corpus, f"attention={attention}")
+    rows = read_metrics(out)
+    train_loss = column(rows, "train/loss")
+    val = column(rows, "val/loss")
+    assert [s for s, _ in val] == [9, 19, 29]  # validated every 10 steps
+    assert val[-1][1] < val[0][1] - 0.3 and train_loss[-1][1] < train_loss[0][1] - 0.5
+    assert {"lr", "grad_norm", "tokens_per_sec"} <= set(rows[0])
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["val_loss"] == pytest.approx(val_loss) == pytest.approx(val[-1][1])
+    assert metrics["steps"] == 30 and metrics["tokens_seen"] == 30 * 4 * 32
+    assert (out / "checkpoints" / "last.ckpt").is_file() and (out / "checkpoints" / "best.ckpt").is_file()
+    assert json.loads((out / "samples.jsonl").read_text().splitlines()[-1])["step"] == 30
+
+    net, tokenizer = load_checkpoint(out / "checkpoints" / "last.ckpt")
+    text = sample(net, tokenizer, "The king", 25, out=io.StringIO(), temperature=0.8,
+                  generator=torch.Generator().manual_seed(0))
+    assert len(text) == 25 and set(text) <= set(tokenizer.chars)
+
+
+def test_same_seed_same_loss_curve(tmp_path, corpus):
+    curves = [column(read_metrics(run(tmp_path, corpus, "trainer.max_steps=15", name=n)[1]), "train/loss")
+              for n in ("a", "b")]
+    assert len(curves[0]) == 15 and curves[0] == curves[1]
+    other = column(read_metrics(run(tmp_path, corpus, "trainer.max_steps=15", "seed=7", name="c")[1]),
+                   "train/loss")
+    assert other != curves[0]
+
+
+def test_resume_from_last_checkpoint_matches_uninterrupted_run(tmp_path, corpus):
+    steps = ["trainer.max_steps=40"]
+    _, whole = run(tmp_path, corpus, *steps, name="whole")
+    _, first = run(tmp_path, corpus, *steps, "+callbacks.stop._target_=helpers.StopAt", "+callbacks.stop.step=20",
+                   name="first")
+    assert column(read_metrics(first), "train/loss")[-1][0] == 19  # stopped after 20 steps
+    _, second = run(tmp_path, corpus, *steps, f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}", name="second")
+    expected = column(read_metrics(whole), "train/loss")[20:]
+    resumed = column(read_metrics(second), "train/loss")
+    assert [s for s, _ in resumed] == [s for s, _ in expected]
+    for (_, a), (_, b) in zip(resumed, expected):
+        assert a == pytest.approx(b, abs=1e-6)
+    assert column(read_metrics(second), "val/loss")[-1] == column(read_metrics(whole), "val/loss")[-1]
+
+
+@pytest.mark.parametrize("model", ["bigram", "ngram"])
+def test_baselines_train(model, tmp_path, corpus):
+    val_loss, out = run(tmp_path, corpus, f"model={model}", tiny=TINY_RUN)
+    val = column(read_metrics(out), "val/loss")
+    assert val_loss == val[-1][1] < val[0][1]
+
+
+def test_stan_preset_fits_its_small_validation_split(tmp_path):
+    tiny_run = [o for o in TINY_RUN if not o.startswith(("data.", "trainer.max_steps"))]
+    cfg = compose_train([*TINY_MODEL, *tiny_run, "data=stan", "trainer.max_steps=10"], tmp_path)
+    assert train(cfg) > 0

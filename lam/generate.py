@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from lam.config import config_dir, report_user_errors
-from lam.data.tokenizer import Tokenizer, load_tokenizer
+from lam.data.tokenizer import Tokenizer, check_same_tokenizer, load_tokenizer
 from lam.errors import UserError
 from lam.models import stream
 
@@ -65,6 +65,8 @@ def sample(net: torch.nn.Module, tokenizer: Tokenizer, prompt: str, max_new_toke
 @report_user_errors
 def main(cfg: DictConfig) -> None:
     net, tokenizer = load_checkpoint(cfg.ckpt, cfg.device)
+    if cfg.tokenizer:
+        check_same_tokenizer(cfg.tokenizer, tokenizer, f"checkpoint {cfg.ckpt}")
     generator = torch.Generator(cfg.device).manual_seed(cfg.seed)
     for i in range(cfg.num_samples):
         if i:

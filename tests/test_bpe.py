@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from lam.data.bpe import ENDOFTEXT, GPT4_SPLIT_PATTERN, BPETokenizer, train_bpe
 from lam.data.tokenizer import load_tokenizer
+from lam.errors import UserError
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "tokenizer"
 
@@ -176,9 +177,9 @@ def test_state_dict_round_trip(bpe_1024, split, tmp_path):
 
 
 def test_vocab_too_small_raises():
-    with pytest.raises(ValueError, match="too small"):
+    with pytest.raises(UserError, match="too small"):
         BPETokenizer(vocab_size=256)
-    with pytest.raises(ValueError, match="too small"):
+    with pytest.raises(UserError, match="too small"):
         BPETokenizer(vocab_size=257, special_tokens=["<|a|>", "<|b|>"])
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import heapq
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import regex
 import tiktoken
@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lam.data.tokenizer import Tokenizer
+from lam.errors import UserError
 
 # GPT-4's pre-tokenisation (tiktoken's cl100k_base): merges never cross the boundaries of these pieces.
 # In order: English contractions ('s 'll ...), a word with at most one leading non-letter (usually the space
@@ -52,7 +53,7 @@ class BPETokenizer(Tokenizer):
     ):
         special_tokens = list(special_tokens)
         if vocab_size < 256 + len(special_tokens):
-            raise ValueError(
+            raise UserError(
                 f"BPE vocab_size={vocab_size} is too small: it needs at least 256 (bytes) + "
                 f"{len(special_tokens)} (special tokens) = {256 + len(special_tokens)}"
             )
@@ -86,7 +87,7 @@ class BPETokenizer(Tokenizer):
         self.vocab_size = first_special + len(specials)
         self.eot_id = specials.get(ENDOFTEXT)
 
-    def train(self, text: str) -> None:
+    def train(self, text: str | Iterable[str]) -> None:
         n_merges = self.vocab_size - 256 - len(self.special_tokens)
         merged = train_bpe(text, n_merges, self.pattern)
         if len(merged) < n_merges:
@@ -113,14 +114,17 @@ class BPETokenizer(Tokenizer):
         }
 
 
-def train_bpe(text: str, n_merges: int, pattern: str = GPT4_SPLIT_PATTERN) -> list[bytes]:
-    """Learn up to `n_merges` merges on `text`; returns the merged tokens' bytes in rank order.
+def train_bpe(text: str | Iterable[str], n_merges: int, pattern: str = GPT4_SPLIT_PATTERN) -> list[bytes]:
+    """Learn up to `n_merges` merges on `text`, one string or its pieces (documents, or parts of one cut at
+    line breaks: pre-tokens never span two pieces); returns the merged tokens' bytes in rank order.
 
     The most frequent pair wins, ties going to the pair with the smallest (left id, right id), so the result
     depends only on the text. Should a pair's bytes already be a token (the same bytes split differently), the
     pair merges into that token without taking a new id, as tiktoken needs every token's bytes to be distinct.
     """
-    chunk_counts = Counter(regex.findall(pattern, text))
+    chunk_counts = Counter()  # streamed: memory grows with the distinct pre-tokens, not with the text
+    for piece in [text] if isinstance(text, str) else text:
+        chunk_counts.update(regex.findall(pattern, piece))
     words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]
     freqs = list(chunk_counts.values())
 

@@ -1,11 +1,13 @@
 """Where text comes from: a named corpus downloaded once into the data folder, or the user's files.
 
-A source yields its documents as (name, text) pairs and a fingerprint of its content, which keys the token cache.
-Every text must be UTF-8; a file that is not names the file and the byte offset of the first bad byte.
+A source has `files()`, one document each, read in pieces by `read_text` so no file needs to fit in memory,
+and a `fingerprint()` of their content, which keys the token cache. Every text must be UTF-8; a file that is
+not names the file and the byte offset of the first bad byte.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import os
 import tempfile
@@ -18,6 +20,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from lam.errors import UserError
 
 DOWNLOAD_TIMEOUT_S = 30
+READ_BLOCK_BYTES = 1 << 20  # files are decoded (and later encoded) about this many bytes at a time
 
 
 def default_data_dir() -> Path:
@@ -33,12 +36,30 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def decode_utf8(raw: bytes, path: Path, errors: str = "strict") -> str:
-    try:
-        return raw.decode("utf-8", errors=errors)
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text: invalid byte 0x{raw[e.start]:02x} at offset {e.start} "
-                        f"(data.errors=replace reads it anyway)") from None
+def read_text(path: Path, errors: str = "strict", block_bytes: int = READ_BLOCK_BYTES) -> Iterator[str]:
+    """The UTF-8 text of a file in pieces of about `block_bytes`, each ending after a line break where it has
+    one (so that a piece rarely cuts a word). `errors="replace"` reads invalid bytes as U+FFFD."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors)
+    offset, rest, blank = 0, "", True  # bytes read so far; text held back after the last line break
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(block_bytes)
+            held = len(decoder.getstate()[0])  # bytes of a character split by the previous block
+            try:
+                text = rest + decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path} is not UTF-8 text: invalid byte 0x{e.object[e.start]:02x} at offset "
+                                f"{offset - held + e.start} (data.errors=replace reads it anyway)") from None
+            offset += len(block)
+            blank = blank and (not text or text.isspace())
+            cut = len(text) if not block else text.rfind("\n") + 1 or len(text)
+            rest = text[cut:]
+            if cut:
+                yield text[:cut]
+            if not block:
+                break
+    if blank:
+        raise UserError(f"{path} is empty")
 
 
 class Download:
@@ -86,9 +107,8 @@ class Download:
                 out.write(block)
                 progress.advance(task, len(block))
 
-    def documents(self) -> Iterator[tuple[str, str]]:
-        path = self.fetch()
-        yield path.name, decode_utf8(path.read_bytes(), path, self.errors)
+    def files(self) -> list[Path]:
+        return [self.fetch()]
 
     def fingerprint(self) -> str:
         return self.sha256
@@ -109,15 +129,10 @@ class LocalText:
             return [self.path]
         files = sorted(p for p in self.path.glob(self.glob) if p.is_file())
         if not files:
+            if not any(self.path.iterdir()):
+                raise UserError(f"{self.path} is an empty folder")
             raise UserError(f"{self.path} has no files matching {self.glob!r} (set data.glob to choose others)")
         return files
-
-    def documents(self) -> Iterator[tuple[str, str]]:
-        for path in self.files():
-            text = decode_utf8(path.read_bytes(), path, self.errors)
-            if not text.strip():
-                raise UserError(f"{path} is empty")
-            yield str(path), text
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256()

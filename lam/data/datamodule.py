@@ -1,9 +1,18 @@
 """The LightningDataModule: text -> tokenizer -> cached token ids -> batches of windows.
 
-Token ids are encoded once per (corpus content, tokenizer settings, split) and kept as memory-mapped `.bin`
-files in the cache folder; a run that finds them reuses them. The cache entry is built in a temporary folder
-and renamed into place, so a crash never leaves an entry that a later run would trust, and runs preparing the
-same corpus at once do not disturb each other.
+Preparation streams the corpus file by file, in pieces of about 1 MB, so neither the text nor its ids need
+to fit in memory: one pass counts the characters (and checks the UTF-8), one trains the tokenizer if it
+needs training, one encodes the pieces and appends their ids to the split's `.bin` file. The validation split
+is the last `val_fraction` of the characters, or a corpus of its own. A tokenizer learns from the training
+split only (byte-level BPE counts the pre-tokens of all of it, piece by piece), except the char tokenizer,
+which takes its alphabet from all the text. Documents are joined with the tokenizer's end-of-text token, or
+with a blank line where it has none.
+
+Token ids are cached once per (corpus content, tokenizer settings, split), as uint16 when the vocabulary fits
+and uint32 otherwise, in memory-mapped `.bin` files; a run that finds them reuses them. A cache entry is built
+in a temporary folder and renamed into place when complete, so a crash never leaves an entry that a later run
+would trust, and runs preparing the same corpus at once do not disturb each other (the first rename wins). A
+killed preparation leaves its temporary folder (`.<key>.*`, beside the entry) behind, never to be read.
 
 Training batches are random windows of `block_size + 1` tokens. Batch number i on rank r depends only on
 (seed, r, i), so a resumed run sees exactly the batches the uninterrupted run would have seen, and ranks never
@@ -17,20 +26,65 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from functools import cached_property
+from itertools import takewhile
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_only
+from rich.console import Console
 from rich.progress import Progress
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from lam.data.corpora import LocalText
+from lam.data.corpora import LocalText, read_text
 from lam.data.tokenizer import Tokenizer, load_tokenizer
 from lam.errors import UserError
 
-ENCODE_PIECE_CHARS = 1 << 20  # text is encoded (and its ids written) one ~1M-character piece at a time
+CACHE_FORMAT = 2  # part of the cache key: bumped when an entry's layout changes, so old entries go unread
+DOCUMENT_BREAK = "\n\n"  # joins documents for a tokenizer without an end-of-text token
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest type for token ids: uint16 for up to 65,536 tokens, else uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def track(pieces: Iterable, description: str, total: int) -> Iterator:
+    """`pieces` passed through, with a progress bar on stderr advancing by the length of each text piece."""
+    console = Console(stderr=True)
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
+        task = progress.add_task(description, total=total)
+        for piece in pieces:
+            yield piece
+            if isinstance(piece, str):
+                progress.advance(task, len(piece))
+
+
+def split_pieces(documents: list[tuple[Path, str]], cut: int,
+                 joiner: str | int | None = None) -> Iterator[tuple[str, str | int]]:
+    """("train" | "val", piece) for the documents in order: their text in pieces, with `joiner` (text, or a
+    token id) between two documents of the same split. The first `cut` characters are the training split."""
+    seen = 0
+    for i, (path, errors) in enumerate(documents):
+        if i and joiner is not None and seen != cut:
+            yield ("train" if seen < cut else "val"), joiner
+        for text in read_text(path, errors):
+            if seen < cut < seen + len(text):
+                yield "train", text[: cut - seen]
+                yield "val", text[cut - seen :]
+            else:
+                yield ("train" if seen < cut else "val"), text
+            seen += len(text)
+
+
+@rank_zero_only
+def save_tokenizer(tokenizer: Tokenizer, folder: Path) -> None:
+    """Write `folder`/tokenizer.json, once per run (on rank 0)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(folder / "tokenizer.json")
 
 
 class RandomWindows(IterableDataset):
@@ -74,58 +128,91 @@ class EvenWindows(Dataset):
 
 class TextDataModule(L.LightningDataModule):
     """source: a corpus (`lam.data.corpora.Download` or `LocalText`); tokenizer: untrained `Tokenizer`;
-    val_fraction: share of the text (its end) held out for validation; eval_batches: validation batches;
-    cache_dir: where token ids are cached (default: $LAM_CACHE_DIR, else ~/.cache/lam/tokens)."""
+    val_fraction: share of the text (its end) held out for validation; val_source: a corpus that is the
+    validation split instead; eval_batches: validation batches; cache_dir: where token ids are cached
+    (default: $LAM_CACHE_DIR, else ~/.cache/lam/tokens); save_dir: where setup() writes tokenizer.json."""
 
     def __init__(self, source, tokenizer: Tokenizer, block_size: int = 64, batch_size: int = 12,
                  val_fraction: float = 0.1, eval_batches: int = 20, num_workers: int = 0, seed: int = 1337,
-                 cache_dir: str | None = None):
+                 cache_dir: str | None = None, val_source=None, save_dir: str | None = None):
         super().__init__()
         if not 0 < val_fraction < 1:
             raise UserError(f"data.val_fraction must be between 0 and 1, got {val_fraction}")
-        self.source, self.tokenizer = source, tokenizer
+        self.source, self.val_source, self.tokenizer = source, val_source, tokenizer
         self.block_size, self.batch_size, self.val_fraction = block_size, batch_size, val_fraction
         self.eval_batches, self.num_workers, self.seed = eval_batches, num_workers, seed
         self.splits: dict[str, np.ndarray] = {}
         default = os.environ.get("LAM_CACHE_DIR") or Path.home() / ".cache" / "lam" / "tokens"
         self.cache_root = Path(cache_dir or default).expanduser()
+        self.save_dir = Path(save_dir) if save_dir else None
 
     @classmethod
-    def from_path(cls, path: str, glob: str = "**/*.txt", errors: str = "strict", **kwargs) -> TextDataModule:
-        """A DataModule over the user's own text: a file, or the files under a folder matching `glob`."""
-        return cls(LocalText(path, glob, errors), **kwargs)
+    def from_path(cls, path: str, glob: str = "**/*.txt", errors: str = "strict", val_path: str | None = None,
+                  **kwargs) -> TextDataModule:
+        """A DataModule over the user's own text: a file, or the files under a folder matching `glob`;
+        `val_path`, another such file or folder, is the validation split instead of the end of the text."""
+        val_source = LocalText(val_path, glob, errors) if val_path else None
+        return cls(LocalText(path, glob, errors), val_source=val_source, **kwargs)
 
     # ---- the token cache ------------------------------------------------------------------------------------
     @cached_property
     def cache_dir(self) -> Path:
         """The cache entry, keyed by corpus content, the untrained tokenizer's settings and the split."""
-        key = {"corpus": self.source.fingerprint(), "tokenizer": self.tokenizer.state_dict(),
-               "val_fraction": self.val_fraction}
+        key = {"format": CACHE_FORMAT, "corpus": self.source.fingerprint(),
+               "tokenizer": self.tokenizer.state_dict(),
+               "val": self.val_source.fingerprint() if self.val_source else self.val_fraction}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
         return self.cache_root / digest
 
+    @property
+    def meta(self) -> dict:
+        """The cache entry's statistics, preparing it if need be: format, dtype, vocab_size, documents, and
+        characters and tokens per split."""
+        self.prepare_data()
+        return json.loads((self.cache_dir / "meta.json").read_text())
+
     def prepare_data(self) -> None:
-        """Build the cache entry unless it exists: read, split, train the tokenizer, encode, write."""
+        """Build the cache entry unless it exists: count, split, train the tokenizer, encode, write."""
         final = self.cache_dir
         if (final / "meta.json").exists():
             return
-        text = "\n\n".join(doc for _, doc in self.source.documents())
-        if not text.strip():
-            raise UserError("the corpus is empty")
-        cut = int(len(text) * (1 - self.val_fraction))
-        splits = {"train": text[:cut], "val": text[cut:]}
+        documents = [(path, self.source.errors) for path in self.source.files()]
+        n_train = len(documents)
+        if self.val_source:
+            documents += [(path, self.val_source.errors) for path in self.val_source.files()]
+        sizes = [sum(map(len, read_text(path, errors))) for path, errors in documents]
+        characters = sum(sizes)
+        cut = sum(sizes[:n_train]) if self.val_source else int(characters * (1 - self.val_fraction))
+
         tokenizer = self.tokenizer
         if tokenizer.needs_training:
-            tokenizer.train(text if getattr(tokenizer, "vocab_from_all_text", False) else splits["train"])
-        dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
+            if getattr(tokenizer, "vocab_from_all_text", False):  # the char tokenizer: all it will encode
+                text, total = (piece for _, piece in split_pieces(documents, cut, DOCUMENT_BREAK)), characters
+            else:  # the training split, each document on its own
+                train = takewhile(lambda split_piece: split_piece[0] == "train", split_pieces(documents, cut))
+                text, total = (piece for _, piece in train), cut
+            tokenizer.train(track(text, "reading for the tokenizer", total))
+        joiner = tokenizer.eot_id if tokenizer.eot_id is not None else DOCUMENT_BREAK
+        dtype = token_dtype(tokenizer.vocab_size)
+
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
         try:
-            counts = {name: self._encode(split, tmp / f"{name}.bin", dtype) for name, split in splits.items()}
+            tokens = {"train": 0, "val": 0}
+            with open(tmp / "train.bin", "wb") as train_bin, open(tmp / "val.bin", "wb") as val_bin:
+                out = {"train": train_bin, "val": val_bin}
+                for split, piece in track(split_pieces(documents, cut, joiner), "encoding", characters):
+                    ids = [piece] if isinstance(piece, int) else tokenizer.encode(piece)
+                    out[split].write(np.asarray(ids, dtype=dtype).tobytes())
+                    tokens[split] += len(ids)
             tokenizer.save(tmp / "tokenizer.json")
-            meta = {"dtype": np.dtype(dtype).name, "tokens": counts, "characters": len(text),
-                    "vocab_size": tokenizer.vocab_size}
+            meta = {"format": CACHE_FORMAT, "dtype": dtype.name, "vocab_size": tokenizer.vocab_size,
+                    "documents": len(documents), "characters": {"train": cut, "val": characters - cut},
+                    "tokens": tokens}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            for path in tmp.iterdir():  # on disk before the entry takes its final name
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
             try:
                 tmp.rename(final)
             except OSError:  # another process finished the same entry first: keep theirs
@@ -134,34 +221,20 @@ class TextDataModule(L.LightningDataModule):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def _encode(self, text: str, path: Path, dtype) -> int:
-        count = 0
-        with open(path, "wb") as f, Progress(transient=True) as progress:
-            task = progress.add_task(f"encoding {path.stem}", total=len(text))
-            start = 0
-            while start < len(text):
-                end = text.find("\n", start + ENCODE_PIECE_CHARS) + 1 or len(text)
-                ids = np.asarray(self.tokenizer.encode(text[start:end]), dtype=dtype)
-                f.write(ids.tobytes())
-                count += len(ids)
-                progress.update(task, completed=end)
-                start = end
-        return count
-
     # ---- splits and loaders ---------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        self.prepare_data()
+        meta = self.meta
         cache = self.cache_dir
-        meta = json.loads((cache / "meta.json").read_text())
         self.tokenizer = load_tokenizer(cache / "tokenizer.json")
-        for name in ("train", "val"):
-            tokens = np.memmap(cache / f"{name}.bin", dtype=meta["dtype"], mode="r")
-            if len(tokens) < self.block_size + 1:
+        if self.save_dir:
+            save_tokenizer(self.tokenizer, self.save_dir)
+        for name, count in meta["tokens"].items():
+            if count < self.block_size + 1:
                 raise UserError(f"data.block_size={self.block_size} does not fit: the {name} split has only "
-                                f"{len(tokens)} tokens; use data.block_size<={len(tokens) - 1} or more text")
-            self.splits[name] = tokens
+                                f"{count} tokens; use data.block_size<={count - 1} or more text")
+            self.splits[name] = np.memmap(cache / f"{name}.bin", dtype=meta["dtype"], mode="r")
 
     @property
     def vocab_size(self) -> int:

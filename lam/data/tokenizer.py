@@ -10,8 +10,10 @@ import hashlib
 import importlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+from lam.errors import UserError
 
 
 class Tokenizer(ABC):
@@ -24,8 +26,8 @@ class Tokenizer(ABC):
     def needs_training(self) -> bool:
         return False
 
-    def train(self, text: str) -> None:
-        """Learn the vocabulary from training text (a no-op for fixed vocabularies)."""
+    def train(self, text: str | Iterable[str]) -> None:
+        """Learn the vocabulary from training text, one string or its pieces (fixed vocabularies: a no-op)."""
 
     @abstractmethod
     def encode(self, text: str) -> list[int]: ...
@@ -60,6 +62,27 @@ def load_tokenizer(state: dict | str | Path) -> Tokenizer:
     return cls(**state)
 
 
+def check_same_tokenizer(path: str | Path, expected: Tokenizer, owner: str) -> Tokenizer:
+    """The tokenizer saved at `path` (a tokenizer.json), checked to be `expected`, the one that `owner`
+    (a checkpoint, say) was trained with."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"tokenizer {path} does not exist")
+    try:
+        given = load_tokenizer(path)
+    except (ValueError, KeyError, TypeError, ImportError, AttributeError) as e:
+        raise UserError(f"{path} is not a tokenizer saved by LAM ({type(e).__name__}: {e})") from None
+    if given.fingerprint() != expected.fingerprint():
+        raise UserError(f"tokenizer {path} ({describe(given)}) differs from the one {owner} was trained with "
+                        f"({describe(expected)}): its token ids would mean other text")
+    return given
+
+
+def describe(tokenizer: Tokenizer) -> str:
+    """e.g. "BPETokenizer, 4096 tokens, fingerprint 1a2b3c4d5e6f7a8b"."""
+    return f"{type(tokenizer).__name__}, {tokenizer.vocab_size} tokens, fingerprint {tokenizer.fingerprint()}"
+
+
 class CharTokenizer(Tokenizer):
     """One token per Unicode character of the corpus (nanoGPT's shakespeare_char). The alphabet is taken from
     the whole text, validation included, so no validation character is unknown; it learns no statistics."""
@@ -80,8 +103,11 @@ class CharTokenizer(Tokenizer):
     def needs_training(self) -> bool:
         return self.chars is None
 
-    def train(self, text: str) -> None:
-        self._set_vocab("".join(sorted(set(text))))
+    def train(self, text: str | Iterable[str]) -> None:
+        chars: set[str] = set()
+        for piece in [text] if isinstance(text, str) else text:
+            chars.update(piece)
+        self._set_vocab("".join(sorted(chars)))
 
     def encode(self, text: str) -> list[int]:
         try:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
 from rich.panel import Panel
@@ -38,7 +39,8 @@ class Throughput(L.Callback):
 
 class SampleText(L.Callback):
     """Generates text from fixed prompts: after every `every_n_validations`-th validation (0: never) and at the
-    end of training. Prints each sample and appends it to `samples.jsonl` in the run folder."""
+    end of training, at most once per step. Prints each sample and appends it to `samples.jsonl` in the run
+    folder; with a WandbLogger attached, also to a wandb table (step, prompt, sample) that grows over training."""
 
     def __init__(self, prompts: list[str], max_new_tokens: int = 200, temperature: float = 0.8,
                  top_k: int | None = 200, every_n_validations: int = 0, seed: int = 0, output_dir: str = "."):
@@ -47,6 +49,8 @@ class SampleText(L.Callback):
         self.every_n_validations, self.seed = every_n_validations, seed
         self.path = Path(output_dir) / "samples.jsonl"
         self.validations = 0
+        self.sampled_at: int | None = None  # the global step of the latest samples
+        self.table = None  # the wandb.Table, created at the first samples logged to wandb
 
     def samples(self, trainer, pl_module) -> list[tuple[str, str]]:
         tokenizer = trainer.datamodule.tokenizer
@@ -64,13 +68,30 @@ class SampleText(L.Callback):
 
     @rank_zero_only
     def write(self, trainer, pl_module) -> None:
+        if trainer.global_step == self.sampled_at:  # e.g. the end of training right after a validation
+            return
+        self.sampled_at = trainer.global_step
         samples = self.samples(trainer, pl_module)
         with open(self.path, "a", encoding="utf-8") as f:
             for prompt, text in samples:
                 f.write(json.dumps({"step": trainer.global_step, "prompt": prompt, "sample": text}) + "\n")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                self.log_table(logger, trainer.global_step, samples)
         console = Console()
         for prompt, text in samples:
             console.print(Panel(Text(prompt + text), title=f"sample at step {trainer.global_step}"))
+
+    def log_table(self, logger: WandbLogger, step: int, samples: list[tuple[str, str]]) -> None:
+        """Append rows to the run's `samples` table; incremental logging uploads only the new rows each time
+        and the dashboard shows them all."""
+        import wandb
+
+        if self.table is None:
+            self.table = wandb.Table(columns=["step", "prompt", "sample"], log_mode="INCREMENTAL")
+        for prompt, text in samples:
+            self.table.add_data(step, prompt, text)
+        logger.log_metrics({"samples": self.table}, step=step)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or not self.every_n_validations:

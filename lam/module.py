@@ -46,7 +46,7 @@ class LanguageModel(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # under DDP: the mean over all ranks
         self.log("lr", self.optimizers().param_groups[0]["lr"])
         return loss
 
@@ -61,7 +61,8 @@ class LanguageModel(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
         self.val_loss.reset()
-        self.log_dict({"val/loss": loss, "val/ppl": loss.exp()}, prog_bar=True)
+        # the metric has already gathered every rank's batches: each rank holds the same value
+        self.log_dict({"val/loss": loss, "val/ppl": loss.exp()}, prog_bar=True, sync_dist=True)
         self.validated_at = self.global_step
 
     def configure_optimizers(self):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import lightning as L
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
 
 from lam.config import config_dir
 
@@ -25,9 +26,15 @@ TINY = TINY_MODEL + TINY_RUN
 
 
 def compose_train(overrides: list[str], output_dir: Path) -> DictConfig:
-    """conf/train.yaml with the overrides, its run folder set to `output_dir`."""
+    """conf/train.yaml with the overrides, its run folder set to `output_dir`, as `python -m lam.train` hands it
+    to the task: Hydra's own config is set, so ${hydra:...} resolves (the wandb run's name reads the group
+    choices), and left out of the tree."""
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"])
+        cfg = compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
 
 
 def write_corpus(path: Path, n_chars: int = 20_000, seed: int = 0) -> Path:

@@ -1,0 +1,84 @@
+"""lam.compare: runs found in a real multirun folder, best losses as the runs logged them, seeds averaged."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from helpers import TINY, column, read_metrics
+from lam.compare import differing_keys, find_runs, load_run, main, table
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def multirun(tmp_path_factory, corpus) -> Path:
+    """Two tiny runs, linear and softmax attention, from one `python -m lam.train -m` sweep."""
+    tmp = tmp_path_factory.mktemp("compare")
+    overrides = [o for o in TINY if not o.startswith("trainer.max_steps")]
+    command = [sys.executable, "-m", "lam.train", "-m", *overrides, "data=custom", f"data.path={corpus}",
+               "trainer.max_steps=20", "attention=linear,softmax", f"hydra.sweep.dir={tmp / 'multirun'}"]
+    done = subprocess.run(command, cwd=tmp, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return tmp / "multirun"
+
+
+@pytest.mark.slow
+def test_compare_reports_each_runs_best_loss_and_writes_a_png(multirun, tmp_path, capsys):
+    runs = find_runs([str(multirun)])
+    assert runs == [multirun / "0", multirun / "1"] == find_runs([f"{multirun}/*"])
+    png = tmp_path / "plots" / "curves.png"
+    main([str(multirun), "--png", str(png)])
+    out = capsys.readouterr().out
+    assert "grouped by attention" in out
+    for run in runs:
+        best = min(v for _, v in column(read_metrics(run), "val/loss"))
+        assert best == pytest.approx(json.loads((run / "metrics.json").read_text())["best_val_loss"])
+        assert min(load_run(run, "val/loss").values) == best
+        assert f"{best:.4f}" in out
+    assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 10_000
+
+
+def fake_run(path: Path, seed: int, lr: float, val_losses: list[float]) -> Path:
+    """A run folder as lam.train leaves it, with made-up losses."""
+    (path / ".hydra").mkdir(parents=True)
+    OmegaConf.save({"seed": seed, "optim": {"lr": lr}, "paths": {"output_dir": str(path)}},
+                   path / ".hydra" / "config.yaml")
+    choices = {"model": "lam", "attention": "linear", "hydra/launcher": "basic"}
+    OmegaConf.save({"hydra": {"runtime": {"choices": choices}}}, path / ".hydra" / "hydra.yaml")
+    (path / "csv").mkdir()
+    with open(path / "csv" / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["step", "elapsed_s", "val/loss"])
+        writer.writeheader()
+        for i, loss in enumerate(val_losses):
+            writer.writerow({"step": 10 * i + 9, "elapsed_s": i + 1.0, "val/loss": loss})
+    (path / "metrics.json").write_text(json.dumps({"params": 1000, "tokens_seen": 5000, "wall_s": 2.0}))
+    return path
+
+
+def test_runs_differing_only_in_seed_are_averaged(tmp_path, capsys):
+    fake_run(tmp_path / "a", seed=1, lr=1e-3, val_losses=[3.0, 2.0])
+    fake_run(tmp_path / "b", seed=2, lr=1e-3, val_losses=[3.0, 2.2, 2.4])
+    fake_run(tmp_path / "c", seed=1, lr=3e-3, val_losses=[2.5])
+    runs = [load_run(path, "val/loss") for path in find_runs([str(tmp_path)])]
+    assert differing_keys(runs) == ["optim.lr"]
+    assert runs[1].seconds == [1.0, 2.0, 3.0]  # wall time at each logged step
+
+    main([str(tmp_path), "--png", str(tmp_path / "c.png")])
+    out = capsys.readouterr().out
+    assert "2.1000 ± 0.1414" in out  # best: 2.0 and 2.2; final: 2.0 and 2.4
+    assert "2.2000 ± 0.2828" in out and "2.5000" in out and "1e+03" not in out
+    rows = table(runs, "val/loss").row_count
+    assert rows == 2
+
+
+def test_no_runs_is_a_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main([str(tmp_path)])
+    assert exit.value.code == 1 and "no runs" in capsys.readouterr().err

@@ -1,0 +1,217 @@
+"""Experiment tracking: what the loggers wrote, read back from their own files (the offline wandb run through
+wandb's reader, TensorBoard's event file, the CSV), rank-zero logging under DDP, and FLOPs per token."""
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import wandb
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from helpers import TINY, column, compose_train, read_metrics
+from lam.flops import flops_per_token, forward_flops_per_token, mixing_flops
+from lam.models import LAM
+from lam.models.attention import Attention, LinearAttention, SoftmaxAttention
+from lam.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+CSV_COLUMNS = {"step", "epoch", "train/loss", "lr", "grad_norm", "tokens_per_sec", "elapsed_s", "val/loss",
+               "val/ppl"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models train fastest on one thread, and several times faster than on two while other processes
+    load the CPU; subprocesses get OMP_NUM_THREADS=1."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def wandb_env(tmp: Path) -> dict:
+    """Offline wandb whose files, caches and artifact staging all stay under `tmp`."""
+    return {"WANDB_MODE": "offline", "WANDB_CONSOLE": "off", "WANDB_SILENT": "true",
+            **{var: str(tmp / "wandb-home") for var in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR",
+                                                        "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR")}}
+
+
+def run_train(out: Path, corpus: Path, *overrides: str) -> Path:
+    train(compose_train([*TINY, "data=custom", f"data.path={corpus}", *overrides], out))
+    return out
+
+
+def wandb_run_dir(out: Path) -> Path:
+    (run_dir,) = (out / "wandb").glob("offline-run-*")  # exactly one run
+    return run_dir
+
+
+def wandb_records(run_dir: Path) -> list[dict]:
+    """The records of the run's .wandb log, decoded by wandb's own reader (`wandb leet inspect --json`)."""
+    out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_dir)],
+                         capture_output=True, text=True, check=True)
+    return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+def history(records: list[dict], key: str) -> list[tuple[int, object]]:
+    """(trainer/global_step, value) of every history row that logged `key`."""
+    rows = [r["history"]["item"] for r in records if r["type"] == "history"]
+    return [(row["trainer/global_step"], row[key]) for row in rows if key in row]
+
+
+def table_rows(run_dir: Path, records: list[dict], key: str) -> list[list]:
+    """All rows of an incrementally logged wandb table, from the files its increments were written to."""
+    paths = [path for _, path in history(records, f"{key}.path")]
+    return [row for path in paths for row in json.loads((run_dir / "files" / path).read_text())["data"]]
+
+
+@pytest.fixture(scope="module")
+def many_run(tmp_path_factory, corpus) -> Path:
+    """One tiny run with logger=many: CSV, TensorBoard and wandb side by side."""
+    tmp = tmp_path_factory.mktemp("many")
+    with pytest.MonkeyPatch.context() as mp:
+        for var, value in wandb_env(tmp).items():
+            mp.setenv(var, value)
+        return run_train(tmp / "run", corpus, "logger=many", "seed=7")
+
+
+@pytest.mark.slow
+def test_wandb_run_holds_curves_samples_config_and_run_facts(many_run):
+    run_dir = wandb_run_dir(many_run)
+    records = wandb_records(run_dir)
+    (run,) = [r["run"] for r in records if r["type"] == "run"]
+    assert run["display_name"] == "lam-linear-custom-s7" and run["run_group"] == "train"
+    assert run["tags"] == ["lam", "linear", "custom"]
+
+    csv = read_metrics(many_run)
+    assert history(records, "train/loss") == column(csv, "train/loss")
+    assert len(column(csv, "train/loss")) == 30
+    assert history(records, "val/loss") == column(csv, "val/loss")
+    assert [s for s, _ in column(csv, "val/loss")] == [9, 19, 29]
+    for key in ("lr", "grad_norm", "tokens_per_sec", "val/ppl"):
+        assert [s for s, _ in history(records, key)] == [s for s, _ in column(csv, key)]
+    # the samples table grows at every validation (global steps 10, 20, 30), as samples.jsonl does
+    rows = table_rows(run_dir, records, "samples")
+    samples = [json.loads(line) for line in (many_run / "samples.jsonl").read_text().splitlines()]
+    assert rows == [[s["step"], s["prompt"], s["sample"]] for s in samples]
+    assert [row[0] for row in rows] == [10, 20, 30]
+
+    config = {}
+    for r in records:
+        if r["type"] == "config":
+            config.update(r["config"]["update"])
+    assert config["seed"] == 7 and config["model"]["n_embd"] == 32 and config["data"]["path"].endswith(".txt")
+    metrics = json.loads((many_run / "metrics.json").read_text())
+    assert config["params"] == metrics["params"] and config["flops_per_token"] == metrics["flops_per_token"]
+    summary = {}
+    for r in records:
+        if r["type"] == "summary":
+            summary.update(r["summary"]["update"])
+    assert {k: summary[k] for k in ("params", "flops_per_token", "tokens_seen", "best_val_loss")} == \
+        {k: metrics[k] for k in ("params", "flops_per_token", "tokens_seen", "best_val_loss")}
+    assert [r["exit"]["exit_code"] for r in records if r["type"] == "exit"] == [0]
+    assert wandb.run is None
+
+
+@pytest.mark.slow
+def test_csv_and_tensorboard_log_the_same_metrics(many_run):
+    csv = read_metrics(many_run)
+    assert set(csv[0]) == CSV_COLUMNS
+    (events,) = (many_run / "tensorboard").glob("events.out.tfevents.*")
+    tb = EventAccumulator(str(events)).Reload()
+    assert set(tb.Tags()["scalars"]) == CSV_COLUMNS - {"step"}
+    for key in CSV_COLUMNS - {"step"}:
+        assert [(e.step, pytest.approx(e.value)) for e in tb.Scalars(key)] == column(csv, key)
+
+
+class Boom(L.Callback):
+    """Raises `error` once training reaches global step 3."""
+
+    def __init__(self, error: str):
+        self.error = error
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == 3:
+            raise {"error": RuntimeError("boom"), "ctrl-c": KeyboardInterrupt()}[self.error]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("error, raised", [("error", RuntimeError), ("ctrl-c", SystemExit)])
+def test_an_error_or_ctrl_c_in_training_still_finishes_the_wandb_run(error, raised, tmp_path, corpus,
+                                                                      monkeypatch):
+    for var, value in wandb_env(tmp_path).items():
+        monkeypatch.setenv(var, value)
+    sigint = signal.getsignal(signal.SIGINT)  # Lightning ignores further Ctrl-C while it shuts down
+    try:
+        with pytest.raises(raised):  # Lightning turns Ctrl-C into sys.exit(1)
+            run_train(tmp_path / "run", corpus, "logger=wandb", f"+callbacks.boom._target_={__name__}.Boom",
+                      f"+callbacks.boom.error={error}")
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    assert wandb.run is None
+    records = wandb_records(wandb_run_dir(tmp_path / "run"))
+    assert [s for s, _ in history(records, "train/loss")] == [0, 1]  # the third batch raised before logging
+    assert [r["exit"]["exit_code"] for r in records if r["type"] == "exit"] == [1]
+
+
+@pytest.mark.slow
+def test_under_ddp_only_rank_zero_logs(tmp_path, corpus):
+    """Two CPU processes (Lightning relaunches `python -m lam.train` for rank 1): one wandb run, each step
+    logged once."""
+    out = tmp_path / "run"
+    env = {**os.environ, **wandb_env(tmp_path), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    overrides = [o for o in TINY if not o.startswith("trainer.max_steps")]
+    done = subprocess.run([sys.executable, "-m", "lam.train", *overrides, "data=custom",
+                           f"data.path={corpus}", "trainer.max_steps=10", "logger=wandb", "trainer=ddp_cpu",
+                           f"hydra.run.dir={out}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = wandb_records(wandb_run_dir(out))
+    assert [s for s, _ in history(records, "train/loss")] == list(range(10))
+    assert [s for s, _ in history(records, "val/loss")] == [9]
+    assert [r["exit"]["exit_code"] for r in records if r["type"] == "exit"] == [0]
+    assert json.loads((out / "metrics.json").read_text())["tokens_seen"] == 10 * 2 * 4 * 32  # both ranks
+
+
+def tiny_lam(attention, n_layer=2) -> LAM:
+    return LAM(vocab_size=10, attention=attention, n_layer=n_layer, n_head=2, n_embd=8, block_size=64)
+
+
+def test_flops_count_linear_layers_once_and_causal_softmax_pairs():
+    # per layer: qkv 8x24, proj 8x8, mlp 8x32 and 32x8 = 768 weights; the head, tied to the embedding, 10x8
+    # softmax at T=4: the 4 queries see 1, 2, 3, 4 keys, 2.5 on average, at 4 x 8 FLOPs each
+    assert forward_flops_per_token(tiny_lam(SoftmaxAttention), 4) == 2 * (2 * 768 + 80) + 2 * 4 * 8 * 2.5
+    net = tiny_lam(SoftmaxAttention)
+    assert flops_per_token(net, 4) == 3 * forward_flops_per_token(net, 4)  # backward: twice the forward
+
+
+def test_flops_linear_attention_counts_chunk_pairs_and_state():
+    # chunks of 2: queries see 1, 2, 1, 2 keys (1.5), per key 2 heads x 2(F + D) = 32 FLOPs; the state 4·H·F·D
+    attn = LinearAttention(d_model=8, n_head=2, chunk_size=2)
+    assert mixing_flops(attn, 4) == 32 * 1.5 + 4 * 2 * 4 * 4
+    taylor = LinearAttention(d_model=8, n_head=2, chunk_size=2, feature_map="taylor")  # F = 1 + 4 + 10
+    assert mixing_flops(taylor, 4) == 2 * 2 * (15 + 4) * 1.5 + 4 * 2 * 15 * 4
+
+
+def test_attention_cost_per_token_grows_with_context_for_softmax_only():
+    softmax, linear = tiny_lam(SoftmaxAttention), tiny_lam(functools.partial(LinearAttention, chunk_size=16))
+    per_token = {T: (flops_per_token(softmax, T), flops_per_token(linear, T)) for T in (16, 32, 48)}
+    # softmax: 16 more tokens, 8 more keys per query on average, 4·d FLOPs each, in 2 layers, x3 for training
+    assert per_token[32][0] - per_token[16][0] == per_token[48][0] - per_token[32][0] == 3 * 2 * 4 * 8 * 8
+    assert per_token[16][1] == per_token[32][1] == per_token[48][1]  # linear: the same per token
+
+
+def test_unknown_attention_warns_and_counts_projections_only():
+    class Mystery(Attention):
+        def mix(self, q, k, v, state):
+            return v, state
+
+    with pytest.warns(UserWarning, match="Mystery"):
+        assert forward_flops_per_token(tiny_lam(Mystery, n_layer=1), 8) == 2 * (768 + 80)

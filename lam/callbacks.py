@@ -1,4 +1,4 @@
-"""Callbacks: training throughput and sample generations."""
+"""Callbacks: a step-labelled progress bar, training throughput and sample generations."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
@@ -15,6 +16,14 @@ from rich.panel import Panel
 from rich.text import Text
 
 from lam.models import stream
+
+
+class StepProgressBar(RichProgressBar):
+    """Rich's progress bar, labelled "train" instead of Lightning's "Epoch 0/-2": LAM's training stream is
+    endless and runs are measured in steps (the bar counts them up to trainer.max_steps)."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return "train"
 
 
 class Throughput(L.Callback):

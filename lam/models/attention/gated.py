@@ -104,7 +104,7 @@ class GatedLinearAttention(Attention):
     gate_temperature: tau in alpha = sigmoid(.)^(1/tau); larger keeps alpha nearer 1, a longer memory
         (paper: 16).
     chunk_size: tokens per chunk of the parallel form (8: as fast as 4 and the least memory on CPU,
-        benchmarks/RESULTS_attention.md).
+        benchmarks/RESULTS.md).
     norm_eps: eps of the per-head RMSNorm on the output.
     backend: "torch", or "fla" for flash-linear-attention's chunk_gla kernel in training and prefill.
     """

@@ -87,7 +87,7 @@ class LinearAttention(Attention):
     feature_map: name in FEATURE_MAPS (elu1, relu, identity, taylor).
     normalize: divide by phi(q)·z + eps (needs a positive map); False: no denominator, RMSNorm per head.
     chunk_size: tokens per chunk of the parallel form (64 measured fastest on CPU for head_dim 64,
-        benchmarks/RESULTS_attention.md).
+        benchmarks/RESULTS.md).
     eps: added to the normaliser phi(q)·z, a sum of non-negative terms, so a query orthogonal to every key
         (possible with relu) gives 0 instead of 0/0.
     norm_eps: eps of the RMSNorm used when normalize=False.

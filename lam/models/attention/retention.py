@@ -29,7 +29,7 @@ def gammas(n_head: int) -> torch.Tensor:
 class Retention(Attention):
     """Multi-head retention with RetNet's fixed decays.
 
-    chunk_size: tokens per chunk of the parallel form (64: fastest on CPU, benchmarks/RESULTS_attention.md).
+    chunk_size: tokens per chunk of the parallel form (64: fastest on CPU, benchmarks/RESULTS.md).
     norm_eps: eps of the per-head RMSNorm on the output.
     backend: "torch", or "fla" for flash-linear-attention's chunk_simple_gla kernel in training and prefill.
     """

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -64,6 +65,8 @@ def finish_wandb(exit_code: int) -> None:
 
 
 def train(cfg: DictConfig) -> float:
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     net = instantiate(cfg.model, vocab_size=datamodule.vocab_size)

@@ -83,6 +83,18 @@ def many_run(tmp_path_factory, corpus) -> Path:
 
 
 @pytest.mark.slow
+def test_step_metrics_are_logged_at_the_steps_lightning_writes(tmp_path, corpus):
+    """The module calls self.log only at every log_every_n_steps-th step: the values written there are the
+    ones a run that logs every step writes."""
+    short = ["trainer.max_steps=10", "trainer.val_check_interval=10"]
+    dense = read_metrics(run_train(tmp_path / "dense", corpus, *short))
+    sparse = read_metrics(run_train(tmp_path / "sparse", corpus, *short, "trainer.log_every_n_steps=4"))
+    for key in ("train/loss", "lr", "grad_norm"):
+        every_step = dict(column(dense, key))
+        assert sorted(every_step) == list(range(10))
+        assert column(sparse, key) == [(step, every_step[step]) for step in (3, 7)]
+
+
 def test_wandb_run_holds_curves_samples_config_and_run_facts(many_run):
     run_dir = wandb_run_dir(many_run)
     records = wandb_records(run_dir)

@@ -1,0 +1,325 @@
+"""Training speed: LAM (lam.train: Hydra + Lightning) against a bare PyTorch loop, Tiny Shakespeare characters.
+
+    python -m benchmarks.train_speed                    # tokens/s, softmax and linear, 3 repeats (< 10 min)
+    python -m benchmarks.train_speed --quick            # 1 repeat, fewer steps (< 2 min)
+    python -m benchmarks.train_speed --mode quality     # wall time to val loss < 1.886 (about 12 min)
+    python -m benchmarks.train_speed --lam compile=true optim.fused=false   # extra lam.train overrides
+
+Both sides train lam.models.LAM at nanoGPT's CPU recipe (experiment=shakespeare_char_cpu: 4 layers, 4 heads,
+128 dims, block 64, batch 12, lr 1e-3 with 100 warmup steps and a cosine over 2000 steps, AdamW betas 0.9/0.99,
+weight decay 0.1 on matrices, gradient clipping at 1.0):
+- lam: `lam.train.train(cfg)`, the config composed with Hydra's compose API from conf/ and the overrides, so
+  every default of conf/ (threads, fused AdamW, progress bar, checkpoints, ...) is what is measured.
+- plain: the loop a nanoGPT user writes: token ids memory-mapped from the same .bin files, nanoGPT's get_batch
+  (random offsets, a Python list of slices stacked), torch.optim.AdamW as constructed by default (no fused
+  flag), torch's default thread count, no framework imported.
+
+Each run is a fresh subprocess (peak RSS = its own ru_maxrss); runs alternate lam/plain, and the order flips
+every repeat, so that a busy machine slows both alike. Speed mode: ms/step is the steady state, from the end of
+step `--warmup` to the last step, with no validation inside (lam: from the Throughput callback's elapsed_s in
+the csv; plain: perf_counter around the loop); the median over repeats is reported. MFU = tokens/s x
+lam.flops.flops_per_token (attention term of the mechanism in use) / the fp32 matmul peak measured here.
+Quality mode: both validate every 50 steps on the same 4 x 12 fixed windows, and stop at val loss < 1.886
+(lam: an EarlyStopping callback with stopping_threshold); "wall s" is the whole subprocess, imports included.
+The plain loop keeps nanoGPT's recipe (lr 1e-3 over 2000 steps, then the floor, at most --max-plain steps);
+LAM runs its own preset, experiment=shakespeare_char_fast (lr 3e-3 over LAM_STEPS[attention] steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TARGET = 1.886  # nanoGPT's val loss for this recipe after 2000 steps
+RECIPE = ["experiment=shakespeare_char_cpu"]  # nanoGPT's: the plain loop's always, LAM's in speed mode
+FAST = ["experiment=shakespeare_char_fast"]  # LAM's in quality mode
+LAM_STEPS = {"softmax": 1000, "linear": 2000}  # quality mode: the fast preset's schedule length per attention
+QUALITY = ["data.eval_batches=4", "trainer.val_check_interval=50",
+           "+callbacks.early_stop._target_=lightning.pytorch.callbacks.EarlyStopping",
+           "+callbacks.early_stop.monitor=val/loss", f"+callbacks.early_stop.stopping_threshold={TARGET}",
+           "+callbacks.early_stop.patience=1000000", "callbacks.samples.every_n_validations=0"]
+EVAL_EVERY, EVAL_BATCHES = 50, 4
+
+
+def compose(overrides: list[str], output_dir: str):
+    """conf/train.yaml with the overrides, as `python -m lam.train` hands it to lam.train.train."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from lam.config import config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = hydra_compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"],
+                            return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+# ---- the two workers, each in its own process ------------------------------------------------------------------
+def run_lam(spec: dict) -> dict:
+    """lam.train.train on the composed config; ms/step from the Throughput callback's elapsed_s."""
+    import csv
+
+    from lam.train import train
+
+    start = time.perf_counter()
+    cfg = compose(spec["overrides"], spec["output_dir"])
+    train(cfg)
+    with open(Path(spec["output_dir"]) / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    elapsed = {int(r["step"]) + 1: float(r["elapsed_s"]) for r in rows if r.get("elapsed_s")}
+    vals = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
+    metrics = json.loads((Path(spec["output_dir"]) / "metrics.json").read_text())
+    out = {"steps": metrics["steps"], "best_val": min(vals), "run_s": time.perf_counter() - start}
+    warm = min((s for s in elapsed if s >= spec["warmup"]), default=None)
+    if warm is not None and max(elapsed) > warm:
+        last = max(elapsed)
+        out["ms_step"] = 1000 * (elapsed[last] - elapsed[warm]) / (last - warm)
+    return out
+
+
+def run_plain(spec: dict) -> dict:
+    """The bare loop: no Lightning, no Hydra; the recipe's hyperparameters, torch's defaults otherwise."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from lam.models import LAM
+
+    start = time.perf_counter()
+    torch.manual_seed(spec["seed"])
+    train_data = np.memmap(spec["train_bin"], dtype=spec["dtype"], mode="r")
+    val_data = np.memmap(spec["val_bin"], dtype=spec["dtype"], mode="r")
+    B, T, hp = spec["batch_size"], spec["block_size"], spec["hp"]
+    attention = dict(spec["attention"])
+    cls_path = attention.pop("_target_")
+    attention.pop("_partial_", None)
+    module, name = cls_path.rsplit(".", 1)
+    net = LAM(vocab_size=spec["vocab_size"], block_size=T,
+              attention=functools.partial(getattr(importlib.import_module(module), name), **attention),
+              **spec["model"])
+    decay = [p for p in net.parameters() if p.dim() >= 2 and p is not net.wte.weight]
+    other = [p for p in net.parameters() if p.dim() < 2 or p is net.wte.weight]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": hp["weight_decay"]},
+                                   {"params": other, "weight_decay": 0.0}], lr=hp["lr"], betas=hp["betas"])
+
+    def get_batch():
+        ix = torch.randint(len(train_data) - T, (B,))
+        x = torch.stack([torch.from_numpy(train_data[i:i + T].astype(np.int64)) for i in ix])
+        y = torch.stack([torch.from_numpy(train_data[i + 1:i + 1 + T].astype(np.int64)) for i in ix])
+        return x, y
+
+    def get_lr(step: int) -> float:
+        if step < hp["warmup"]:
+            return hp["lr"] * (step + 1) / hp["warmup"]
+        progress = min(1.0, (step - hp["warmup"]) / max(1, hp["total"] - hp["warmup"]))
+        return hp["lr"] * (hp["min_ratio"] + (1 - hp["min_ratio"]) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    starts = np.linspace(0, len(val_data) - T - 1, EVAL_BATCHES * B).astype(np.int64)
+    val_windows = torch.from_numpy(np.stack([val_data[s:s + T + 1] for s in starts]).astype(np.int64))
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        net.eval()
+        losses = [F.cross_entropy(net(w[:, :-1])[0].flatten(0, 1), w[:, 1:].flatten()).item()
+                  for w in val_windows.split(B)]
+        net.train()
+        return sum(losses) / len(losses)
+
+    best, warm_t, step = math.inf, None, 0
+    while step < spec["steps"]:
+        for group in optimizer.param_groups:
+            group["lr"] = get_lr(step)
+        x, y = get_batch()
+        logits, _ = net(x)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), hp["clip"])
+        optimizer.step()
+        step += 1
+        if step == spec["warmup"]:
+            warm_t = time.perf_counter()
+        if spec["quality"] and step % EVAL_EVERY == 0:
+            best = min(best, evaluate())
+            if best < TARGET:
+                break
+    end = time.perf_counter()
+    out = {"steps": step, "best_val": best if spec["quality"] else evaluate(), "run_s": end - start}
+    if warm_t is not None and step > spec["warmup"]:
+        out["ms_step"] = 1000 * (end - warm_t) / (step - spec["warmup"])
+    return out
+
+
+def worker(kind: str, spec: dict) -> None:
+    result = (run_lam if kind == "lam" else run_plain)(spec)
+    result["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ---- the driver ----------------------------------------------------------------------------------------------------
+def matmul_peak(threads: int | None, n: int = 1024, repeats: int = 20) -> float:
+    """Best fp32 GFLOP/s of an n x n matmul with the given thread count (None: torch's default)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    torch.set_num_threads(before)
+    return 2 * n ** 3 / best / 1e9
+
+
+def plain_spec(cfg, attention_cfg: dict) -> dict:
+    """What the plain loop needs from the composed recipe: sizes, hyperparameters, the .bin files."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    data = instantiate(cfg.data)
+    meta = data.meta
+    model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
+             if k not in ("_target_", "attention", "block_size")}
+    return {"train_bin": str(data.cache_dir / "train.bin"), "val_bin": str(data.cache_dir / "val.bin"),
+            "dtype": meta["dtype"], "vocab_size": meta["vocab_size"], "seed": cfg.seed,
+            "batch_size": cfg.data.batch_size, "block_size": cfg.data.block_size, "model": model,
+            "attention": attention_cfg,
+            "hp": {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "weight_decay": cfg.optim.weight_decay,
+                   "warmup": cfg.scheduler.warmup_steps, "total": cfg.trainer.max_steps,
+                   "min_ratio": cfg.scheduler.min_lr_ratio, "clip": cfg.trainer.gradient_clip_val}}
+
+
+def launch(kind: str, spec: dict) -> dict:
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.train_speed", "--worker", kind, json.dumps(spec)],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    wall = time.perf_counter() - start
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"{kind} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return {**json.loads(lines[-1][len("RESULT "):]), "wall_s": wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=["speed", "quality"], default="speed")
+    parser.add_argument("--attention", nargs="+", default=["softmax", "linear"])
+    parser.add_argument("--steps", type=int, default=300, help="speed mode: training steps per run")
+    parser.add_argument("--warmup", type=int, default=50, help="steps left out of the steady state")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-plain", type=int, default=3000, help="quality mode: the plain loop's step cap")
+    parser.add_argument("--quick", action="store_true", help="1 repeat of 100 steps")
+    parser.add_argument("--lam", nargs="*", default=[], help="extra lam.train overrides (LAM side only)")
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--worker", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker[0], json.loads(args.worker[1]))
+    if args.quick:
+        args.repeats, args.steps, args.warmup = 1, 100, 30
+    quality = args.mode == "quality"
+    if quality:
+        args.repeats = 1
+
+    import torch
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    from rich.console import Console
+    from rich.table import Table
+
+    from lam.flops import flops_per_token
+
+    console = Console()
+    tmp = Path(tempfile.mkdtemp(prefix="lam-train-speed-"))
+    logging = ["callbacks.throughput.window=10", "trainer.log_every_n_steps=10"]
+    specs, flops = {}, {}
+    for attention in args.attention:
+        if quality:
+            lam = [*FAST, *logging, *QUALITY, f"trainer.max_steps={LAM_STEPS[attention]}"]
+        else:  # no validation inside the measured steps: one at the end (lam.train's final measure)
+            lam = [*RECIPE, *logging, f"trainer.max_steps={args.steps}", f"trainer.val_check_interval={args.steps}"]
+        lam += [*args.lam, f"attention={attention}"]
+        cfg = compose([*RECIPE, f"attention={attention}"], str(tmp / "compose"))
+        plain = plain_spec(cfg, OmegaConf.to_container(cfg.attention, resolve=True))
+        net = instantiate(cfg.model, vocab_size=plain["vocab_size"])
+        flops[attention] = flops_per_token(net, cfg.data.block_size)
+        specs[attention] = {
+            "lam": {"overrides": lam, "warmup": args.warmup},
+            "plain": {**plain, "steps": args.max_plain if quality else args.steps, "warmup": args.warmup,
+                      "quality": quality}}
+        threads = cfg.get("threads")
+    peak = matmul_peak(threads)
+    console.print(f"load average before: {os.getloadavg()}")
+
+    results = {(a, k): [] for a in args.attention for k in ("lam", "plain")}
+    for r in range(args.repeats):
+        for attention in args.attention:
+            for kind in (("lam", "plain") if r % 2 == 0 else ("plain", "lam")):
+                spec = dict(specs[attention][kind])
+                if kind == "lam":
+                    spec["output_dir"] = str(tmp / f"{attention}-{r}")
+                res = launch(kind, spec)
+                results[(attention, kind)].append(res)
+                console.print(f"repeat {r} {attention:7s} {kind:5s} " + json.dumps(
+                    {k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}))
+    console.print(f"load average after: {os.getloadavg()}")
+    peak = max(peak, matmul_peak(threads))  # before and after the runs: the quieter moment counts
+
+    block, batch = specs[args.attention[0]]["plain"]["block_size"], specs[args.attention[0]]["plain"]["batch_size"]
+    table = Table(title=f"{args.mode}: LAM vs plain PyTorch, recipe sizes, "
+                        f"{args.repeats} repeat(s), {'median' if not quality else 'one run'}")
+    if not quality:
+        for col in ("attention", "variant", "ms/step", "tokens/s", "MFU %", "peak RSS MiB", "LAM ÷ plain tok/s"):
+            table.add_column(col, justify="left" if col in ("attention", "variant") else "right")
+    else:
+        for col in ("attention", "variant", "steps", "best val", "reached", "wall s", "ms/step",
+                    "LAM ÷ plain wall"):
+            table.add_column(col, justify="left" if col in ("attention", "variant") else "right")
+    for attention in args.attention:
+        med = {k: {m: statistics.median(x[m] for x in results[(attention, k)] if m in x)
+                   for m in ("ms_step", "rss_mib", "wall_s", "best_val", "steps")}
+               for k in ("lam", "plain")}
+        for kind in ("lam", "plain"):
+            m = med[kind]
+            tps = batch * block / (m["ms_step"] / 1000)
+            if not quality:
+                ratio = med["plain"]["ms_step"] / med["lam"]["ms_step"]
+                table.add_row(attention, kind, f"{m['ms_step']:.1f}", f"{tps:,.0f}",
+                              f"{100 * tps * flops[attention] / (peak * 1e9):.1f}", f"{m['rss_mib']:.0f}",
+                              f"{ratio:.2f}" if kind == "lam" else "")
+            else:
+                ratio = med["lam"]["wall_s"] / med["plain"]["wall_s"]
+                table.add_row(attention, kind, f"{m['steps']:.0f}", f"{m['best_val']:.3f}",
+                              "yes" if m["best_val"] < TARGET else "no", f"{m['wall_s']:.1f}",
+                              f"{m['ms_step']:.1f}", f"{ratio:.2f}" if kind == "lam" else "")
+    console.print(table)
+    console.print(f"FLOPs/token (training, lam.flops): "
+                  + ", ".join(f"{a}: {f / 1e6:.2f} M" for a, f in flops.items())
+                  + f"; MFU against the fp32 matmul peak, {peak:.1f} GFLOP/s (1024^3, best of 20, "
+                  f"threads={threads or torch.get_num_threads()})")
+    if args.json:
+        args.json.write_text(json.dumps({"peak_gflops": peak, "flops": flops, "results": {
+            f"{a}/{k}": v for (a, k), v in results.items()}}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""The speed switches change how fast training runs, never what it computes: bf16 autocast, torch.compile,
+fused AdamW, the thread count, and the Throughput callback that measures them. Tiny models, one thread."""
+
+import functools
+import time
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import TINY, column, compose_train, read_metrics
+from lam.models import LAM
+from lam.models.attention import LinearAttention, SoftmaxAttention
+from lam.train import train
+
+BATCH, BLOCK, STEPS, WINDOW = 4, 32, 20, 5
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_net(attention=SoftmaxAttention, seed: int = 0) -> LAM:
+    torch.manual_seed(seed)
+    return LAM(vocab_size=17, attention=attention, n_layer=1, n_head=2, n_embd=16, block_size=16)
+
+
+def train_losses(steps: int, autocast: bool = False, fused: bool | None = None) -> list[float]:
+    """Per-step losses of a tiny model on fixed batches, optionally under CPU bf16 autocast."""
+    net = tiny_net()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2, fused=fused)
+    starts = torch.randint(17, (steps, 4, 1), generator=torch.Generator().manual_seed(1))
+    data = (starts + torch.arange(17)) % 17  # counting: a pattern learnt within steps
+    losses = []
+    for batch in data:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits, _ = net(batch[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_bf16_autocast_trains_like_fp32():
+    """bf16 keeps 8 bits of mantissa (relative error ~0.4% per matmul): the loss after 10 steps may differ by
+    a hundredth or two (0.002 measured), while what training achieves (about 1.0 below the start) is 50x that."""
+    fp32, bf16 = train_losses(10), train_losses(10, autocast=True)
+    assert fp32[-1] < fp32[0] - 0.5 and bf16[-1] < bf16[0] - 0.5
+    assert bf16[-1] == pytest.approx(fp32[-1], abs=0.02)
+
+
+def test_fused_adamw_matches_the_default_implementation():
+    assert train_losses(10, fused=True) == pytest.approx(train_losses(10, fused=False), abs=1e-5)
+
+
+@pytest.mark.parametrize("attention", [
+    pytest.param(SoftmaxAttention, id="softmax", marks=pytest.mark.slow),  # each compile: 20-30 s on 2 cores
+    pytest.param(functools.partial(LinearAttention, chunk_size=8), id="linear")])
+def test_compiled_and_eager_models_agree(attention):
+    torch._dynamo.reset()
+    net = tiny_net(attention)
+    x = torch.randint(17, (2, 16), generator=torch.Generator().manual_seed(2))
+    eager = net(x)[0]
+    compiled = torch.compile(net)(x)[0]
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    compiled.sum().backward()  # the compiled backward runs too
+    assert all(p.grad is not None for p in net.parameters())
+
+
+class Clock(L.Callback):
+    """Wall-clock timestamps of training start and of every batch end, kept on the class for the test."""
+
+    times: list[float] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        Clock.times = [time.perf_counter()]
+
+    def on_train_batch_end(self, *args) -> None:
+        Clock.times.append(time.perf_counter())
+
+
+def test_throughput_is_tokens_over_wall_time(tmp_path, corpus):
+    """Each logged tokens/s = tokens of its WINDOW steps / their wall time, as an independent clock read in the
+    same hooks sees it. The two clocks are read about a millisecond apart (the callback's own logging and the
+    hook dispatch run between them), so a window's wall time agrees to 5 ms, or 2% of a window when that is
+    more; a window lasts 50-150 ms here. `threads=1` sets torch's thread count."""
+    torch.set_num_threads(2)
+    overrides = [*TINY, "data=custom", f"data.path={corpus}", f"trainer.max_steps={STEPS}",
+                 f"data.batch_size={BATCH}", f"data.block_size={BLOCK}", f"callbacks.throughput.window={WINDOW}",
+                 f"trainer.log_every_n_steps={WINDOW}",  # a row per window (each row repeats the latest value)
+                 "+callbacks.clock._target_=test_speed_switches.Clock", "threads=1"]
+    train(compose_train(overrides, tmp_path))
+    assert torch.get_num_threads() == 1
+    rows = read_metrics(tmp_path)
+    logged = column(rows, "tokens_per_sec")
+    assert [s for s, _ in logged] == list(range(WINDOW - 1, STEPS, WINDOW))
+    for step, tokens_per_sec in logged:
+        clock = Clock.times[step + 1] - Clock.times[step + 1 - WINDOW]
+        assert BATCH * BLOCK * WINDOW / tokens_per_sec == pytest.approx(clock, rel=0.02, abs=0.005)
+    elapsed = column(rows, "elapsed_s")[-1][1]
+    assert elapsed == pytest.approx(Clock.times[-1] - Clock.times[0], rel=0.02, abs=0.005)

@@ -8,6 +8,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 from helpers import TINY, column, compose_train, read_metrics
 from lam.models import LAM
@@ -72,6 +73,19 @@ def test_compiled_and_eager_models_agree(attention):
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
     compiled.sum().backward()  # the compiled backward runs too
     assert all(p.grad is not None for p in net.parameters())
+
+
+@pytest.mark.slow  # compiling two graphs: ~20 s on 2 cores
+def test_validation_does_not_recompile(tmp_path, corpus):
+    """compile=true through lam.train: training compiles one graph, the first validation a second one (eval
+    mode, no grad); the two later validations and the steps between them reuse both."""
+    torch._dynamo.reset()
+    counters.clear()
+    overrides = [*TINY, "data=custom", f"data.path={corpus}", "attention.chunk_size=8", "compile=true",
+                 "trainer.max_steps=15", "trainer.val_check_interval=5", "callbacks.samples=null"]
+    train(compose_train(overrides, tmp_path))
+    assert column(read_metrics(tmp_path), "val/loss")[-1][0] == 14  # three validations ran
+    assert counters["stats"]["unique_graphs"] == 2
 
 
 class Clock(L.Callback):

@@ -1,4 +1,4 @@
-"""Where the configs live, and how the entry points report a user's mistake."""
+"""Where the configs live, the resolvers they use, and how the entry points report a user's mistake."""
 
 from __future__ import annotations
 
@@ -7,7 +7,14 @@ from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from lam.errors import UserError
+from lam.hardware import cpu_precision
+
+# ${lam.cpu_precision:} in conf/trainer/cpu.yaml
+if not OmegaConf.has_resolver("lam.cpu_precision"):
+    OmegaConf.register_new_resolver("lam.cpu_precision", cpu_precision)
 
 
 def config_dir() -> Path:

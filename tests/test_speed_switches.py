@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from helpers import TINY, column, compose_train, read_metrics
+from lam import hardware
 from lam.models import LAM
 from lam.models.attention import LinearAttention, SoftmaxAttention
 from lam.train import train
@@ -55,6 +56,22 @@ def test_bf16_autocast_trains_like_fp32():
     fp32, bf16 = train_losses(10), train_losses(10, autocast=True)
     assert fp32[-1] < fp32[0] - 0.5 and bf16[-1] < bf16[0] - 0.5
     assert bf16[-1] == pytest.approx(fp32[-1], abs=0.02)
+
+
+@pytest.mark.parametrize("flags, precision", [
+    ("fpu sse2 avx2 fma", "32-true"),                       # this CI machine's kind: bf16 would be emulated
+    ("fpu avx2 avx512f avx512bw", "32-true"),               # AVX-512 without its bf16 extension
+    ("fpu avx512f avx512_bf16", "bf16-mixed"),
+    ("fpu avx512f amx_bf16 amx_tile", "bf16-mixed"),
+    (None, "32-true")])                                    # no /proc/cpuinfo
+def test_cpu_trainer_uses_bf16_only_where_the_cpu_has_bf16_instructions(tmp_path, monkeypatch, flags, precision):
+    cpuinfo = tmp_path / "cpuinfo"
+    if flags is not None:
+        cpuinfo.write_text(f"processor\t: 0\nmodel name\t: x86\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+    monkeypatch.setattr(hardware, "cpu_flags", functools.partial(hardware.cpu_flags, cpuinfo))
+    assert hardware.cpu_precision() == precision
+    assert compose_train([], tmp_path).trainer.precision == precision  # the default trainer resolves to it
+    assert compose_train(["trainer.precision=32-true"], tmp_path).trainer.precision == "32-true"
 
 
 def test_fused_adamw_matches_the_default_implementation():

@@ -52,32 +52,16 @@ QUALITY = ["data.eval_batches=4", "trainer.val_check_interval=50",
 EVAL_EVERY, EVAL_BATCHES = 50, 4
 
 
-def compose(overrides: list[str], output_dir: str):
-    """conf/train.yaml with the overrides, as `python -m lam.train` hands it to lam.train.train."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    from lam.config import config_dir
-
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = hydra_compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"],
-                            return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
-
-
 # ---- the two workers, each in its own process ------------------------------------------------------------------
 def run_lam(spec: dict) -> dict:
     """lam.train.train on the composed config; ms/step from the Throughput callback's elapsed_s."""
     import csv
 
+    from lam.config import compose_train
     from lam.train import train
 
     start = time.perf_counter()
-    cfg = compose(spec["overrides"], spec["output_dir"])
+    cfg = compose_train(spec["overrides"], spec["output_dir"])
     train(cfg)
     with open(Path(spec["output_dir"]) / "csv" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
@@ -246,6 +230,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from lam.config import compose_train
     from lam.flops import flops_per_token
 
     console = Console()
@@ -258,7 +243,7 @@ def main() -> None:
         else:  # no validation inside the measured steps: one at the end (lam.train's final measure)
             lam = [*RECIPE, *logging, f"trainer.max_steps={args.steps}", f"trainer.val_check_interval={args.steps}"]
         lam += [*args.lam, f"attention={attention}"]
-        cfg = compose([*RECIPE, f"attention={attention}"], str(tmp / "compose"))
+        cfg = compose_train([*RECIPE, f"attention={attention}"], tmp / "compose")
         plain = plain_spec(cfg, OmegaConf.to_container(cfg.attention, resolve=True))
         net = instantiate(cfg.model, vocab_size=plain["vocab_size"])
         flops[attention] = flops_per_token(net, cfg.data.block_size)

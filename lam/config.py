@@ -7,7 +7,9 @@ from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lam.errors import UserError
 from lam.hardware import cpu_precision
@@ -21,6 +23,18 @@ def config_dir() -> Path:
     """`conf/` of the repository, or its copy inside an installed wheel."""
     installed = Path(__file__).parent / "conf"
     return installed if installed.is_dir() else Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_train(overrides: list[str], output_dir: str | Path) -> DictConfig:
+    """conf/train.yaml with the overrides, its run folder set to `output_dir`, as `python -m lam.train` hands it
+    to `lam.train.train` (for tests, benchmarks and notebooks): Hydra's own config is set, so ${hydra:...}
+    resolves (the wandb run's name reads the group choices), and left out of the tree."""
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
 
 
 def user_error(exc: BaseException) -> UserError | None:

@@ -7,11 +7,8 @@ import random
 from pathlib import Path
 
 import lightning as L
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
 
-from lam.config import config_dir
+from lam.config import compose_train  # noqa: F401 (the tests import it from here with the other helpers)
 
 # a run small enough for a few seconds of CPU, and a LAM decoder to match
 TINY_MODEL = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32"]
@@ -23,18 +20,6 @@ TINY_RUN = [
     "callbacks.model_summary=null", "+trainer.enable_model_summary=false",
 ]
 TINY = TINY_MODEL + TINY_RUN
-
-
-def compose_train(overrides: list[str], output_dir: Path) -> DictConfig:
-    """conf/train.yaml with the overrides, its run folder set to `output_dir`, as `python -m lam.train` hands it
-    to the task: Hydra's own config is set, so ${hydra:...} resolves (the wandb run's name reads the group
-    choices), and left out of the tree."""
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"], return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
 
 
 def write_corpus(path: Path, n_chars: int = 20_000, seed: int = 0) -> Path:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import math
 import multiprocessing
@@ -83,27 +85,40 @@ def test_cache_is_reused_and_rebuilt_when_the_corpus_changes(corpus, tmp_path, m
     assert len(keys) == 2
 
 
-def prepare_and_stall(folder, cache, encoding):
-    """Prepare the cache, but stop for good at the second piece to encode, once `encoding` is set."""
-    encode, calls = CharTokenizer.encode, []
+DOCS = {f"{i}.txt": f"Document {i} of the corpus.\n" * 20 for i in range(3)}
 
-    def stalling(self, text):
-        calls.append(text)
-        if len(calls) == 2:
-            encoding.set()
-            time.sleep(600)
+
+def prepare_with_hook(folder, cache, before_encode):
+    """Prepare the cache (in a forked process), calling `before_encode(n)` before the n-th piece is encoded."""
+    encode, calls = CharTokenizer.encode, itertools.count(1)
+
+    def hooked(self, text):
+        before_encode(next(calls))
         return encode(self, text)
 
-    CharTokenizer.encode = stalling
+    CharTokenizer.encode = hooked
     datamodule(folder, cache).prepare_data()
 
 
+def stall_at_second_piece(encoding, n):
+    """Stop for good at the second piece to encode, once `encoding` is set."""
+    if n == 2:
+        encoding.set()
+        time.sleep(600)
+
+
+def wait_before_first_piece(barrier, n):
+    """Wait at `barrier` before encoding, so that both runs are building the cache at once."""
+    if n == 1:
+        barrier.wait(60)
+
+
 def test_killed_preparation_leaves_no_trusted_cache(tmp_path):
-    docs = {f"{i}.txt": f"Document {i} of the corpus.\n" * 20 for i in range(3)}
-    folder, cache = write_docs(tmp_path / "docs", docs), tmp_path / "cache"
+    folder, cache = write_docs(tmp_path / "docs", DOCS), tmp_path / "cache"
     fork = multiprocessing.get_context("fork")
     encoding = fork.Event()
-    child = fork.Process(target=prepare_and_stall, args=(folder, cache, encoding))
+    child = fork.Process(target=prepare_with_hook,
+                         args=(folder, cache, functools.partial(stall_at_second_piece, encoding)))
     child.start()
     assert encoding.wait(60)
     child.kill()
@@ -115,29 +130,15 @@ def test_killed_preparation_leaves_no_trusted_cache(tmp_path):
     dm = datamodule(folder, cache)
     assert leftover.name.startswith(f".{dm.cache_dir.name}.")
     train_ids, val_ids = cached_ids(dm)  # rebuilt from scratch
-    assert dm.tokenizer.decode(train_ids + val_ids) == "\n\n".join(docs.values())
-
-
-def prepare_together(folder, cache, barrier):
-    """Prepare the cache, waiting at `barrier` before encoding, so that both runs are building it at once."""
-    encode, met = CharTokenizer.encode, []
-
-    def waiting(self, text):
-        if not met:
-            met.append(True)
-            barrier.wait(60)
-        return encode(self, text)
-
-    CharTokenizer.encode = waiting
-    datamodule(folder, cache).prepare_data()
+    assert dm.tokenizer.decode(train_ids + val_ids) == "\n\n".join(DOCS.values())
 
 
 def test_concurrent_preparations_do_not_corrupt_the_cache(tmp_path):
-    docs = {f"{i}.txt": f"Document {i} of the corpus.\n" * 20 for i in range(3)}
-    folder, cache = write_docs(tmp_path / "docs", docs), tmp_path / "cache"
+    folder, cache = write_docs(tmp_path / "docs", DOCS), tmp_path / "cache"
     fork = multiprocessing.get_context("fork")
     barrier = fork.Barrier(2)
-    runs = [fork.Process(target=prepare_together, args=(folder, cache, barrier)) for _ in range(2)]
+    hook = functools.partial(wait_before_first_piece, barrier)
+    runs = [fork.Process(target=prepare_with_hook, args=(folder, cache, hook)) for _ in range(2)]
     for run in runs:
         run.start()
     for run in runs:
@@ -146,7 +147,7 @@ def test_concurrent_preparations_do_not_corrupt_the_cache(tmp_path):
     dm = datamodule(folder, cache)
     assert [p.name for p in cache.iterdir()] == [dm.cache_dir.name]  # one entry, no temporary folder left
     train_ids, val_ids = cached_ids(dm)
-    assert dm.tokenizer.decode(train_ids + val_ids) == "\n\n".join(docs.values())
+    assert dm.tokenizer.decode(train_ids + val_ids) == "\n\n".join(DOCS.values())
 
 
 class WideTokenizer(Tokenizer):

@@ -18,7 +18,7 @@ import tiktoken
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from lam.data.tokenizer import Tokenizer
+from lam.data.tokenizer import ENDOFTEXT, Tokenizer
 from lam.errors import UserError
 
 # GPT-4's pre-tokenisation (tiktoken's cl100k_base): merges never cross the boundaries of these pieces.
@@ -31,7 +31,6 @@ GPT4_SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+"""
     r"""| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
 )
-ENDOFTEXT = "<|endoftext|>"
 
 Pair = tuple[int, int]
 

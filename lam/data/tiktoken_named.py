@@ -19,12 +19,11 @@ import tiktoken
 import tiktoken.load
 
 from lam.data.tiktoken_cache import tiktoken_cache_dir
-from lam.data.tokenizer import Tokenizer
+from lam.data.tokenizer import ENDOFTEXT, Tokenizer
 from lam.errors import UserError
 
 CONNECT_TIMEOUT_S = 5.0  # for the reachability probe and for the connection of the download itself
 READ_TIMEOUT_S = 60.0  # longest wait for the next bytes of a download
-ENDOFTEXT = "<|endoftext|>"
 
 _read_file = tiktoken.load.read_file
 _loading = threading.Lock()  # the patched reader below is process-wide

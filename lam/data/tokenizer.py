@@ -15,6 +15,8 @@ from pathlib import Path
 
 from lam.errors import UserError
 
+ENDOFTEXT = "<|endoftext|>"  # the special token that joins documents, where a tokenizer has one (eot_id)
+
 
 class Tokenizer(ABC):
     """Text <-> token ids. Subclasses set `vocab_size` once trained (or on construction if fixed)."""

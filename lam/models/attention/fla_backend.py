@@ -13,6 +13,7 @@ import inspect
 import torch
 
 BACKENDS = ("torch", "fla")
+KERNEL_DEVICES = ("cuda",)  # device types fla's Triton kernels run on
 
 
 def check_backend(backend: str) -> None:
@@ -32,7 +33,7 @@ def run(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, S: torch.Ten
     """Call fla's `op` ("linear_attn.chunk_linear_attn", "gla.chunk_gla", "simple_gla.chunk_simple_gla") on
     (B, H, T, D) tensors with initial state S (B, H, K, V); returns y (B, H, T, V) and the final state.
     Gates in kwargs come in fla's (B, T, H, ...) layout."""
-    if q.device.type != "cuda":
+    if q.device.type not in KERNEL_DEVICES:
         raise RuntimeError(f"backend='fla' needs CUDA tensors, got {q.device}; move the model to a GPU")
     module, name = op.rsplit(".", 1)
     fn = getattr(importlib.import_module(f"fla.ops.{module}"), name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -16,6 +17,12 @@ from rich.panel import Panel
 from rich.text import Text
 
 from lam.models import stream
+
+
+def run_eagerly():
+    """A context in which torch.compile'd modules run their eager code (torch >= 2.6; elsewhere no change)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance else contextlib.nullcontext()
 
 
 class StepProgressBar(RichProgressBar):
@@ -49,7 +56,9 @@ class Throughput(L.Callback):
 class SampleText(L.Callback):
     """Generates text from fixed prompts: after every `every_n_validations`-th validation (0: never) and at the
     end of training, at most once per step. Prints each sample and appends it to `samples.jsonl` in the run
-    folder; with a WandbLogger attached, also to a wandb table (step, prompt, sample) that grows over training."""
+    folder; with a WandbLogger attached, also to a wandb table (step, prompt, sample) that grows over training.
+    Under compile=true the model samples eagerly: each prompt length and the one-token steps would otherwise
+    compile graphs of their own, 10-20 s each on a small CPU, for a few hundred tokens."""
 
     def __init__(self, prompts: list[str], max_new_tokens: int = 200, temperature: float = 0.8,
                  top_k: int | None = 200, every_n_validations: int = 0, seed: int = 0, output_dir: str = "."):
@@ -67,11 +76,12 @@ class SampleText(L.Callback):
         out = []
         was_training = pl_module.training
         pl_module.eval()
-        for prompt in self.prompts:
-            idx = torch.tensor([tokenizer.encode(prompt)], device=pl_module.device)
-            new = torch.cat(list(stream(pl_module.net, idx, self.max_new_tokens, temperature=self.temperature,
-                                        top_k=self.top_k, generator=generator)), dim=1)
-            out.append((prompt, tokenizer.decode(new[0].tolist())))
+        with run_eagerly():
+            for prompt in self.prompts:
+                idx = torch.tensor([tokenizer.encode(prompt)], device=pl_module.device)
+                new = torch.cat(list(stream(pl_module.net, idx, self.max_new_tokens, temperature=self.temperature,
+                                            top_k=self.top_k, generator=generator)), dim=1)
+                out.append((prompt, tokenizer.decode(new[0].tolist())))
         pl_module.train(was_training)
         return out
 

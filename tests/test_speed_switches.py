@@ -93,15 +93,18 @@ def test_compiled_and_eager_models_agree(attention):
 
 
 @pytest.mark.slow  # compiling two graphs: ~20 s on 2 cores
-def test_validation_does_not_recompile(tmp_path, corpus):
+def test_validation_and_samples_do_not_recompile(tmp_path, corpus):
     """compile=true through lam.train: training compiles one graph, the first validation a second one (eval
-    mode, no grad); the two later validations and the steps between them reuse both."""
+    mode, no grad); the two later validations and the steps between them reuse both, and the samples after
+    each validation (a prompt, then one token at a time) run eagerly instead of compiling graphs of their own."""
     torch._dynamo.reset()
     counters.clear()
     overrides = [*TINY, "data=custom", f"data.path={corpus}", "attention.chunk_size=8", "compile=true",
-                 "trainer.max_steps=15", "trainer.val_check_interval=5", "callbacks.samples=null"]
+                 "trainer.max_steps=15", "trainer.val_check_interval=5", "callbacks.samples.max_new_tokens=4",
+                 "callbacks.samples.prompts=[the,the king]"]
     train(compose_train(overrides, tmp_path))
     assert column(read_metrics(tmp_path), "val/loss")[-1][0] == 14  # three validations ran
+    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 6  # 2 prompts after each validation
     assert counters["stats"]["unique_graphs"] == 2
 
 

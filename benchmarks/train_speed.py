@@ -3,6 +3,7 @@
     python -m benchmarks.train_speed                    # tokens/s, softmax and linear, 3 repeats (< 10 min)
     python -m benchmarks.train_speed --quick            # 1 repeat, fewer steps (< 2 min)
     python -m benchmarks.train_speed --mode quality     # wall time to val loss < 1.886 (about 12 min)
+    python -m benchmarks.train_speed --mode profile     # torch.profiler: time in aten ops vs around them
     python -m benchmarks.train_speed --lam compile=true optim.fused=false   # extra lam.train overrides
 
 Both sides train lam.models.LAM at nanoGPT's CPU recipe (experiment=shakespeare_char_cpu: 4 layers, 4 heads,
@@ -23,6 +24,8 @@ Quality mode: both validate every 50 steps on the same 4 x 12 fixed windows, and
 (lam: an EarlyStopping callback with stopping_threshold); "wall s" is the whole subprocess, imports included.
 The plain loop keeps nanoGPT's recipe (lr 1e-3 over 2000 steps, then the floor, at most --max-plain steps);
 LAM runs its own preset, experiment=shakespeare_char_fast (lr 3e-3 over LAM_STEPS[attention] steps).
+Profile mode: one run each under torch.profiler from step `--warmup` on; per step, the time inside aten ops
+(the kernels, the same code on both sides) against the time around them (Python, autograd, framework).
 """
 
 from __future__ import annotations
@@ -53,6 +56,48 @@ EVAL_EVERY, EVAL_BATCHES = 50, 4
 
 
 # ---- the two workers, each in its own process ------------------------------------------------------------------
+class OpProfile:
+    """torch.profiler over the steady-state steps, summarised per step: ms inside aten ops (self time, on the
+    calling thread; intra-op threads work inside it), ms around them, and each op's share."""
+
+    def start(self) -> None:
+        import torch
+
+        self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        self.prof.__enter__()
+        self.t0 = time.perf_counter()
+
+    def stop(self, steps: int) -> dict:
+        wall = time.perf_counter() - self.t0
+        self.prof.__exit__(None, None, None)
+        ops = {e.key: e.self_cpu_time_total / 1000 / steps for e in self.prof.key_averages()
+               if e.key.startswith("aten::")}
+        in_ops = sum(ops.values())
+        return {"steps": steps, "ms_step": 1000 * wall / steps, "ops_ms": in_ops,
+                "around_ms": 1000 * wall / steps - in_ops,
+                "top_ops": dict(sorted(ops.items(), key=lambda kv: -kv[1])[:12])}
+
+
+def op_profile_callback(start: int, out: str):
+    """A Lightning callback (for `+callbacks.x._target_=`) running OpProfile from step `start` to the last
+    training step, written to `out` as JSON."""
+    from lightning.pytorch import Callback
+
+    class ProfileSteps(Callback):
+        def __init__(self):
+            self.profile = OpProfile()
+
+        def on_train_batch_start(self, trainer, *args):
+            if trainer.global_step == start:
+                self.profile.start()
+
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == trainer.max_steps:
+                Path(out).write_text(json.dumps(self.profile.stop(trainer.global_step - start)))
+
+    return ProfileSteps()
+
+
 def run_lam(spec: dict) -> dict:
     """lam.train.train on the composed config; ms/step from the Throughput callback's elapsed_s."""
     import csv
@@ -69,6 +114,8 @@ def run_lam(spec: dict) -> dict:
     vals = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
     metrics = json.loads((Path(spec["output_dir"]) / "metrics.json").read_text())
     out = {"steps": metrics["steps"], "best_val": min(vals), "run_s": time.perf_counter() - start}
+    if spec.get("profile"):
+        out["profile"] = json.loads(Path(spec["profile"]).read_text())
     warm = min((s for s in elapsed if s >= spec["warmup"]), default=None)
     if warm is not None and max(elapsed) > warm:
         last = max(elapsed)
@@ -124,8 +171,10 @@ def run_plain(spec: dict) -> dict:
         net.train()
         return sum(losses) / len(losses)
 
-    best, warm_t, step = math.inf, None, 0
+    best, warm_t, step, profile = math.inf, None, 0, OpProfile()
     while step < spec["steps"]:
+        if spec.get("profile") and step == spec["warmup"]:
+            profile.start()
         for group in optimizer.param_groups:
             group["lr"] = get_lr(step)
         x, y = get_batch()
@@ -143,7 +192,10 @@ def run_plain(spec: dict) -> dict:
             if best < TARGET:
                 break
     end = time.perf_counter()
+    profiled = profile.stop(step - spec["warmup"]) if spec.get("profile") else None
     out = {"steps": step, "best_val": best if spec["quality"] else evaluate(), "run_s": end - start}
+    if profiled:
+        out["profile"] = profiled
     if warm_t is not None and step > spec["warmup"]:
         out["ms_step"] = 1000 * (end - warm_t) / (step - spec["warmup"])
     return out
@@ -203,9 +255,34 @@ def launch(kind: str, spec: dict) -> dict:
     return {**json.loads(lines[-1][len("RESULT "):]), "wall_s": wall}
 
 
+def print_profile(console, profiles: dict) -> None:
+    """Per attention, medians over repeats: ms/step inside aten ops and around them, LAM against plain, and
+    the costliest ops."""
+    from rich.table import Table
+
+    def median(runs, key, op=None):
+        return statistics.median(r["top_ops"].get(op, math.nan) if op else r[key] for r in runs)
+
+    table = Table(title=f"profile (torch.profiler, steady state): ms per step, median of "
+                        f"{len(next(iter(profiles.values()))['lam'])}")
+    for col in ("attention", "variant", "step", "in aten ops", "around ops"):
+        table.add_column(col, justify="left" if col in ("attention", "variant") else "right")
+    for attention, sides in profiles.items():
+        for kind, runs in sides.items():
+            table.add_row(attention, kind, *(f"{median(runs, k):.1f}" for k in ("ms_step", "ops_ms", "around_ms")))
+    console.print(table)
+    for attention, sides in profiles.items():
+        ops = Table(title=f"{attention}: costliest aten ops, self ms per step")
+        for col in ("op", "lam", "plain"):
+            ops.add_column(col, justify="left" if col == "op" else "right")
+        for name in list(sides["lam"][0]["top_ops"])[:8]:
+            ops.add_row(name, *(f"{median(sides[k], None, name):.2f}" for k in ("lam", "plain")))
+        console.print(ops)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=["speed", "quality"], default="speed")
+    parser.add_argument("--mode", choices=["speed", "quality", "profile"], default="speed")
     parser.add_argument("--attention", nargs="+", default=["softmax", "linear"])
     parser.add_argument("--steps", type=int, default=300, help="speed mode: training steps per run")
     parser.add_argument("--warmup", type=int, default=50, help="steps left out of the steady state")
@@ -220,7 +297,7 @@ def main() -> None:
         return worker(args.worker[0], json.loads(args.worker[1]))
     if args.quick:
         args.repeats, args.steps, args.warmup = 1, 100, 30
-    quality = args.mode == "quality"
+    quality, profiling = args.mode == "quality", args.mode == "profile"
     if quality:
         args.repeats = 1
 
@@ -262,12 +339,24 @@ def main() -> None:
                 spec = dict(specs[attention][kind])
                 if kind == "lam":
                     spec["output_dir"] = str(tmp / f"{attention}-{r}")
+                if profiling:
+                    spec["profile"] = str(tmp / f"{attention}-{kind}-profile.json")
+                    if kind == "lam":
+                        spec["overrides"] = [*spec["overrides"], *(
+                            f"+callbacks.op_profile.{k}={v}" for k, v in (
+                                ("_target_", "benchmarks.train_speed.op_profile_callback"),
+                                ("start", args.warmup), ("out", spec["profile"])))]
                 res = launch(kind, spec)
                 results[(attention, kind)].append(res)
                 console.print(f"repeat {r} {attention:7s} {kind:5s} " + json.dumps(
-                    {k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}))
+                    {k: round(v, 3) if isinstance(v, float) else v for k, v in res.items() if k != "profile"}))
     console.print(f"load average after: {os.getloadavg()}")
     peak = max(peak, matmul_peak(threads))  # before and after the runs: the quieter moment counts
+    if profiling:
+        profiles = {a: {k: [x["profile"] for x in results[(a, k)]] for k in ("lam", "plain")} for a in args.attention}
+        if args.json:
+            args.json.write_text(json.dumps(profiles, indent=1))
+        return print_profile(console, profiles)
 
     block, batch = specs[args.attention[0]]["plain"]["block_size"], specs[args.attention[0]]["plain"]["batch_size"]
     table = Table(title=f"{args.mode}: LAM vs plain PyTorch, recipe sizes, "
@@ -297,7 +386,7 @@ def main() -> None:
                               "yes" if m["best_val"] < TARGET else "no", f"{m['wall_s']:.1f}",
                               f"{m['ms_step']:.1f}", f"{ratio:.2f}" if kind == "lam" else "")
     console.print(table)
-    console.print(f"FLOPs/token (training, lam.flops): "
+    console.print("FLOPs/token (training, lam.flops): "
                   + ", ".join(f"{a}: {f / 1e6:.2f} M" for a, f in flops.items())
                   + f"; MFU against the fp32 matmul peak, {peak:.1f} GFLOP/s (1024^3, best of 20, "
                   f"threads={threads or torch.get_num_threads()})")

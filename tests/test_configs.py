@@ -4,7 +4,6 @@ import itertools
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException

@@ -52,3 +52,14 @@ class StopAt(L.Callback):
     def on_train_batch_end(self, trainer, *args) -> None:
         if trainer.global_step >= self.step:
             trainer.should_stop = True
+
+
+class InterruptAt(L.Callback):
+    """Presses Ctrl-C, in effect, after `step` optimizer steps: raises KeyboardInterrupt."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.step:
+            raise KeyboardInterrupt

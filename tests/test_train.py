@@ -2,6 +2,7 @@
 
 import io
 import json
+import signal
 
 import pytest
 import torch
@@ -50,19 +51,47 @@ def test_same_seed_same_loss_curve(tmp_path, corpus):
     assert other != curves[0]
 
 
-def test_resume_from_last_checkpoint_matches_uninterrupted_run(tmp_path, corpus):
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory, corpus):
+    """40 steps in one go, for the resumed runs to match."""
+    return run(tmp_path_factory.mktemp("whole"), corpus, "trainer.max_steps=40")[1]
+
+
+def assert_continues(resumed_run, whole, at: int):
+    """The resumed run logs the steps from `at` on, with the losses of the uninterrupted run."""
+    expected = column(read_metrics(whole), "train/loss")[at:]
+    resumed = column(read_metrics(resumed_run), "train/loss")
+    assert [s for s, _ in resumed] == [s for s, _ in expected]
+    for (_, a), (_, b) in zip(resumed, expected):
+        assert a == pytest.approx(b, abs=1e-6)
+    assert column(read_metrics(resumed_run), "val/loss")[-1] == column(read_metrics(whole), "val/loss")[-1]
+
+
+def test_resume_from_last_checkpoint_matches_uninterrupted_run(tmp_path, corpus, whole_run):
     steps = ["trainer.max_steps=40"]
-    _, whole = run(tmp_path, corpus, *steps, name="whole")
     _, first = run(tmp_path, corpus, *steps, "+callbacks.stop._target_=helpers.StopAt", "+callbacks.stop.step=20",
                    name="first")
     assert column(read_metrics(first), "train/loss")[-1][0] == 19  # stopped after 20 steps
     _, second = run(tmp_path, corpus, *steps, f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}", name="second")
-    expected = column(read_metrics(whole), "train/loss")[20:]
-    resumed = column(read_metrics(second), "train/loss")
-    assert [s for s, _ in resumed] == [s for s, _ in expected]
-    for (_, a), (_, b) in zip(resumed, expected):
-        assert a == pytest.approx(b, abs=1e-6)
-    assert column(read_metrics(second), "val/loss")[-1] == column(read_metrics(whole), "val/loss")[-1]
+    assert_continues(second, whole_run, at=20)
+
+
+def test_ctrl_c_leaves_a_checkpoint_at_that_step_to_resume_from(tmp_path, corpus, whole_run):
+    """Ctrl-C at step 25, between validations (every 10 steps): Lightning shuts down and exits, and
+    checkpoints/interrupted.ckpt holds step 25, where last.ckpt holds step 20."""
+    steps = ["trainer.max_steps=40"]
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            run(tmp_path, corpus, *steps, "+callbacks.interrupt._target_=helpers.InterruptAt",
+                "+callbacks.interrupt.step=25", name="first")
+    finally:
+        signal.signal(signal.SIGINT, sigint)  # Lightning ignores further Ctrl-C while it shuts down
+    checkpoints = tmp_path / "first" / "checkpoints"
+    assert torch.load(checkpoints / "interrupted.ckpt", weights_only=False)["global_step"] == 25
+    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 20
+    _, second = run(tmp_path, corpus, *steps, f"ckpt_path={checkpoints / 'interrupted.ckpt'}", name="second")
+    assert_continues(second, whole_run, at=25)
 
 
 @pytest.mark.parametrize("model", ["bigram", "ngram"])

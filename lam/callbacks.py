@@ -1,4 +1,5 @@
-"""Callbacks: a step-labelled progress bar, training throughput and sample generations."""
+"""Callbacks: a step-labelled progress bar, training throughput, sample generations and the checkpoint taken
+when training is interrupted."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
 from rich.panel import Panel
@@ -121,3 +123,16 @@ class SampleText(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.write(trainer, pl_module)
+
+
+class InterruptedCheckpoint(L.Callback):
+    """Saves `dirpath/filename.ckpt` when training stops on an error or Ctrl-C after at least one step, to resume
+    from with ckpt_path=. Lightning's OnExceptionCheckpoint does this too, but its presence makes every fit with
+    ckpt_path=None resume from the folder's last.ckpt, so a run started in a used folder would not start fresh."""
+
+    def __init__(self, dirpath: str, filename: str = "interrupted"):
+        self.path = Path(dirpath) / f"{filename}.ckpt"
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and trainer.global_step > 0:
+            trainer.save_checkpoint(self.path)

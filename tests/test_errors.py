@@ -94,3 +94,6 @@ def test_cli_unknown_config_option_is_hydra_error(tmp_path):
     assert result.returncode == 1
     assert "Could not find 'attention/quadratic'" in result.stderr
     assert "Available options" in result.stderr and "linear" in result.stderr
+    for group in ("experiment", "hparams_search"):  # preset groups too, which are empty by default
+        result = cli("lam.train", f"{group}=nope", "--cfg", "job", cwd=tmp_path)
+        assert result.returncode == 1 and f"Could not find '{group}/nope'" in result.stderr

@@ -94,6 +94,13 @@ def test_ctrl_c_leaves_a_checkpoint_at_that_step_to_resume_from(tmp_path, corpus
     assert_continues(second, whole_run, at=25)
 
 
+def test_a_run_in_a_used_folder_starts_fresh(tmp_path, corpus):
+    """ckpt_path=null means a fresh start, also where the folder holds checkpoints of an earlier run."""
+    runs = [column(read_metrics(run(tmp_path, corpus, "trainer.max_steps=12", name="same")[1]), "train/loss")
+            for _ in range(2)]
+    assert runs[1][0][0] == 0 and runs[1] == runs[0]
+
+
 @pytest.mark.parametrize("model", ["bigram", "ngram"])
 def test_baselines_train(model, tmp_path, corpus):
     val_loss, out = run(tmp_path, corpus, f"model={model}", tiny=TINY_RUN)

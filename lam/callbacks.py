@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.text import Text
 
+from lam.errors import UserError
 from lam.models import stream
 
 
@@ -71,6 +72,14 @@ class SampleText(L.Callback):
         self.validations = 0
         self.sampled_at: int | None = None  # the global step of the latest samples
         self.table = None  # the wandb.Table, created at the first samples logged to wandb
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        """Stop before training, not at the first sampling, on a prompt the tokenizer cannot encode."""
+        for prompt in self.prompts:
+            try:
+                trainer.datamodule.tokenizer.encode(prompt)
+            except UserError as e:
+                raise UserError(f"callbacks.samples.prompts: {prompt!r}: {e}") from None
 
     def samples(self, trainer, pl_module) -> list[tuple[str, str]]:
         tokenizer = trainer.datamodule.tokenizer

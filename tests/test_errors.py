@@ -52,6 +52,13 @@ def test_block_size_longer_than_validation_split(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_sampling_prompt_outside_the_vocabulary_stops_before_training(tmp_path, corpus):
+    with pytest.raises(UserError, match=r"callbacks.samples.prompts: 'ROMEO:': character 'R' is not in the "
+                                        r"tokenizer's vocabulary"):
+        train_on(corpus, tmp_path, "callbacks.samples.prompts=[ROMEO:]")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_checkpoint_that_does_not_exist(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.ckpt")

@@ -115,7 +115,8 @@ class CharTokenizer(Tokenizer):
         try:
             return [self.stoi[c] for c in text]
         except KeyError as e:
-            raise ValueError(f"character {e.args[0]!r} is not in the tokenizer's vocabulary") from None
+            raise UserError(f"character {e.args[0]!r} is not in the tokenizer's vocabulary (the {self.vocab_size} "
+                            "characters of the training text); use text made of those, or a BPE tokenizer") from None
 
     def decode(self, ids: Sequence[int]) -> str:
         return "".join(self.chars[i] for i in ids)

@@ -13,6 +13,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from lam.checkpoint import read_checkpoint
 from lam.config import config_dir, report_user_errors
 from lam.data.tokenizer import Tokenizer, check_same_tokenizer, load_tokenizer
 from lam.errors import UserError
@@ -21,16 +22,8 @@ from lam.models import stream
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Tokenizer]:
     """The trained network (in eval mode) and its tokenizer, from a checkpoint written by lam.train."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
-    lam = checkpoint.get("lam") if isinstance(checkpoint, dict) else None
-    if not lam or "tokenizer" not in lam or "model" not in lam.get("config", {}):
-        raise UserError(f"{path} is not a LAM checkpoint (it holds no model config and tokenizer)")
+    checkpoint = read_checkpoint(path, device)
+    lam = checkpoint["lam"]
     tokenizer = load_tokenizer(lam["tokenizer"])
     net = instantiate(lam["config"]["model"], vocab_size=tokenizer.vocab_size)
     weights = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}

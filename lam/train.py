@@ -25,6 +25,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from lam.checkpoint import check_resumable
 from lam.config import config_dir, report_user_errors
 from lam.flops import flops_per_token
 from lam.module import LanguageModel
@@ -80,6 +81,8 @@ def train(cfg: DictConfig) -> float:
     if needs_own_process(trainer):  # DDP inside a multirun (see lam.sweep)
         return run_as_own_process()
 
+    if cfg.ckpt_path:
+        check_resumable(cfg.ckpt_path, model)
     try:
         for logger in trainer.loggers:  # once per run: the resolved config, the model's size and cost
             logger.log_hyperparams({**config, **size})

@@ -83,6 +83,17 @@ def test_checkpoint_that_does_not_match_its_model(tmp_path, corpus):
         load_checkpoint(path)
 
 
+def test_resuming_from_a_missing_or_other_models_checkpoint(tmp_path, corpus):
+    """ckpt_path= is checked before training: a one-line error, not Lightning's traceback."""
+    with pytest.raises(UserError, match="checkpoint nowhere.ckpt does not exist"):
+        train_on(corpus, tmp_path, "ckpt_path=nowhere.ckpt")
+    train_on(corpus, tmp_path, "trainer.max_steps=2")
+    path = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    with pytest.raises(UserError, match=r"does not match this model: net.wte.weight is \(\d+, 32\) there and "
+                                        r"\(\d+, 64\) here"):
+        train_on(corpus, tmp_path, "model.n_embd=64", f"ckpt_path={path}")
+
+
 def cli(*args, cwd):
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
 

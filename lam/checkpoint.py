@@ -1,0 +1,34 @@
+"""Reading the checkpoints lam.train writes, with one-line errors for paths that are not one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lam.errors import UserError
+
+
+def read_checkpoint(path: str | Path, device: str = "cpu") -> dict:
+    """The checkpoint's contents; a UserError if the file is missing, unreadable or not written by lam.train."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # torch.load raises many kinds for a file that is not a checkpoint
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    lam = checkpoint.get("lam") if isinstance(checkpoint, dict) else None
+    if not lam or "tokenizer" not in lam or "model" not in lam.get("config", {}):
+        raise UserError(f"{path} is not a LAM checkpoint (it holds no model config and tokenizer)")
+    return checkpoint
+
+
+def check_resumable(path: str | Path, model: torch.nn.Module) -> None:
+    """A UserError unless the checkpoint at `path` holds weights of `model`'s names and shapes."""
+    weights = read_checkpoint(path)["state_dict"]
+    for name, tensor in model.state_dict().items():
+        if name not in weights or weights[name].shape != tensor.shape:
+            there = f"is {tuple(weights[name].shape)} there" if name in weights else "is missing there"
+            raise UserError(f"ckpt_path={path} does not match this model: {name} {there} and "
+                            f"{tuple(tensor.shape)} here; resume with the config of the run that wrote it")

@@ -10,6 +10,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import MissingMandatoryValue
 
 from lam.errors import UserError
 from lam.hardware import cpu_precision
@@ -38,10 +39,13 @@ def compose_train(overrides: list[str], output_dir: str | Path) -> DictConfig:
 
 
 def user_error(exc: BaseException) -> UserError | None:
-    """The UserError behind `exc`, also when Hydra's instantiate wrapped it."""
+    """The UserError behind `exc`, also when Hydra's instantiate wrapped it; a mandatory value (???) left unset
+    is one too."""
     while exc is not None:
         if isinstance(exc, UserError):
             return exc
+        if isinstance(exc, MissingMandatoryValue):
+            return UserError(f"{exc.full_key} has no value: give one on the command line, {exc.full_key}=...")
         exc = exc.__cause__ or exc.__context__
     return None
 

@@ -107,6 +107,13 @@ def test_cli_prints_one_line_and_exits_1(tmp_path):
     assert result.returncode == 1 and result.stderr.strip() == "error: checkpoint missing.ckpt does not exist"
 
 
+def test_cli_unset_mandatory_value_is_one_line(tmp_path):
+    result = cli("lam.train", "data=custom", *TINY, cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == \
+        "error: data.path has no value: give one on the command line, data.path=..."
+
+
 def test_cli_unknown_config_option_is_hydra_error(tmp_path):
     result = cli("lam.train", "attention=quadratic", cwd=tmp_path)
     assert result.returncode == 1

@@ -118,7 +118,7 @@ class LocalText:
     """The user's own text: one file, or every file under a folder that matches `glob` (sorted by path)."""
 
     def __init__(self, path: str, glob: str = "**/*.txt", errors: str = "strict"):
-        if path is None or str(path) in ("", "???"):
+        if path is None or str(path) == "":
             raise UserError("data=custom needs a file or folder: add data.path=PATH")
         self.path, self.glob, self.errors = Path(path).expanduser(), glob, errors
 

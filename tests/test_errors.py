@@ -47,9 +47,13 @@ def test_non_utf8_file_can_be_read_with_replacement(tmp_path, corpus):
 
 def test_block_size_longer_than_validation_split(tmp_path):
     (tmp_path / "short.txt").write_text("to be or not to be, that is the question\n" * 10)  # 41 val chars
-    with pytest.raises(UserError, match=r"data.block_size=64 does not fit: the val split has only 41 tokens"):
+    with pytest.raises(UserError, match=r"data.block_size=64 does not fit: the val split has only 41 tokens; "
+                                        r"use data.block_size<=40 or more text"):
         train_on(tmp_path / "short.txt", tmp_path, "data.block_size=64")
     assert not (tmp_path / "run" / "checkpoints").exists()
+    (tmp_path / "tiny.txt").write_text("to be or")  # 1 val token: no block size fits
+    with pytest.raises(UserError, match=r"the val split has only 1 tokens; use more text$"):
+        train_on(tmp_path / "tiny.txt", tmp_path, "data.block_size=2")
 
 
 def test_sampling_prompt_outside_the_vocabulary_stops_before_training(tmp_path, corpus):

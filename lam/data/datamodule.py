@@ -232,8 +232,9 @@ class TextDataModule(L.LightningDataModule):
             save_tokenizer(self.tokenizer, self.save_dir)
         for name, count in meta["tokens"].items():
             if count < self.block_size + 1:
+                fix = f"use data.block_size<={count - 1} or more text" if count > 1 else "use more text"
                 raise UserError(f"data.block_size={self.block_size} does not fit: the {name} split has only "
-                                f"{count} tokens; use data.block_size<={count - 1} or more text")
+                                f"{count} tokens; {fix}")
             self.splits[name] = np.memmap(cache / f"{name}.bin", dtype=meta["dtype"], mode="r")
 
     @property

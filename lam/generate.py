@@ -58,8 +58,8 @@ def sample(net: torch.nn.Module, tokenizer: Tokenizer, prompt: str, max_new_toke
 @report_user_errors
 def main(cfg: DictConfig) -> None:
     net, tokenizer = load_checkpoint(cfg.ckpt, cfg.device)
-    if cfg.tokenizer:
-        check_same_tokenizer(cfg.tokenizer, tokenizer, f"checkpoint {cfg.ckpt}")
+    if cfg.tokenizer_file:
+        check_same_tokenizer(cfg.tokenizer_file, tokenizer, f"checkpoint {cfg.ckpt}")
     generator = torch.Generator(cfg.device).manual_seed(cfg.seed)
     for i in range(cfg.num_samples):
         if i:

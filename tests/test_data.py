@@ -268,3 +268,6 @@ def test_bpe_training_run_saves_its_tokenizer_in_the_run_folder(corpus, tmp_path
     with pytest.raises(UserError, match=r"other.json \(CharTokenizer, 3 tokens, .*\) differs from the one the "
                                         r"checkpoint was trained with \(BPETokenizer, 300 tokens"):
         check_same_tokenizer(tmp_path / "other.json", from_checkpoint, "the checkpoint")
+    result = subprocess.run([sys.executable, "-m", "lam.generate", f"ckpt={out / 'checkpoints' / 'last.ckpt'}",
+                             f"tokenizer_file={tmp_path / 'other.json'}"], capture_output=True, text=True)
+    assert result.returncode == 1 and "differs from the one checkpoint" in result.stderr.splitlines()[-1]

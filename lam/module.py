@@ -59,8 +59,13 @@ class LanguageModel(L.LightningModule):
         return loss
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        """Clip by global norm (when trainer.gradient_clip_val is set) and log the norm before clipping."""
-        norm = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val or math.inf)
+        """Clip as trainer.gradient_clip_val / gradient_clip_algorithm say (by global norm unless "value") and
+        log the global norm before clipping."""
+        if gradient_clip_algorithm == "value":
+            norm = torch.nn.utils.clip_grad_norm_(self.parameters(), math.inf)  # measures only
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        else:  # one pass: measures and clips
+            norm = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val or math.inf)
         if self.logs_this_step():
             self.log("grad_norm", norm)
 

@@ -4,6 +4,7 @@ import io
 import json
 import signal
 
+import lightning as L
 import pytest
 import torch
 
@@ -99,6 +100,29 @@ def test_a_run_in_a_used_folder_starts_fresh(tmp_path, corpus):
     runs = [column(read_metrics(run(tmp_path, corpus, "trainer.max_steps=12", name="same")[1]), "train/loss")
             for _ in range(2)]
     assert runs[1][0][0] == 0 and runs[1] == runs[0]
+
+
+class GradientProbe(L.Callback):
+    """The largest |gradient| element and the global norm after clipping, at the first step."""
+
+    seen: dict = {}
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if not GradientProbe.seen:
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            GradientProbe.seen = {"max": max(g.abs().max().item() for g in grads),
+                                  "norm": torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])).item()}
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_gradient_clip_algorithm_is_honoured(tmp_path, corpus, algorithm):
+    GradientProbe.seen = {}
+    run(tmp_path, corpus, "trainer.max_steps=1", "trainer.gradient_clip_val=1e-3",
+        f"trainer.gradient_clip_algorithm={algorithm}", "+callbacks.probe._target_=test_train.GradientProbe")
+    if algorithm == "norm":  # the whole vector scaled to norm 1e-3
+        assert GradientProbe.seen["norm"] == pytest.approx(1e-3, rel=1e-4)
+    else:  # each element cut to [-1e-3, 1e-3]: many saturate, so the norm is far larger
+        assert GradientProbe.seen["max"] == pytest.approx(1e-3) and GradientProbe.seen["norm"] > 1e-2
 
 
 @pytest.mark.parametrize("model", ["bigram", "ngram"])

@@ -82,6 +82,15 @@ def number(text: str) -> float | None:
     return float(text) if text not in ("", None) else None
 
 
+def csv_columns(path: Path) -> list[str]:
+    """The metric names in a run's csv/metrics.csv header (none without the file)."""
+    metrics_csv = path / "csv" / "metrics.csv"
+    if not metrics_csv.is_file():
+        return []
+    with metrics_csv.open() as f:
+        return next(csv.reader(f), [])
+
+
 def load_run(path: Path, metric: str) -> Run:
     hydra_dir = path / ".hydra"
     config = flatten(OmegaConf.to_container(OmegaConf.load(hydra_dir / "config.yaml"), resolve=False))
@@ -206,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"no runs (folders with .hydra/config.yaml) in {' '.join(args.runs)}")
     runs = [load_run(path, args.metric) for path in paths]
     if not any(run.values for run in runs):
-        raise UserError(f"no run has logged {args.metric!r} in its csv/metrics.csv")
+        logged = sorted({key for path in paths for key in csv_columns(path)} - {"step", "epoch"})
+        raise UserError(f"no run has logged {args.metric!r} in its csv/metrics.csv; logged: {', '.join(logged)}")
     console, out = Console(), table(runs, args.metric)
     width = Measurement.get(console, console.options.update_width(1000), out).maximum
     console.width = max(console.width, width)  # wider than the terminal rather than cut off

@@ -82,3 +82,12 @@ def test_no_runs_is_a_one_line_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         main([str(tmp_path)])
     assert exit.value.code == 1 and "no runs" in capsys.readouterr().err
+
+
+def test_a_metric_no_run_logged_is_a_one_line_error_naming_the_logged_ones(tmp_path, capsys):
+    fake_run(tmp_path / "a", seed=1, lr=1e-3, val_losses=[3.0])
+    with pytest.raises(SystemExit) as exit:
+        main([str(tmp_path), "--metric", "val_loss"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 1 and err.strip() == "error: no run has logged 'val_loss' in its csv/metrics.csv; " \
+        "logged: elapsed_s, val/loss"

@@ -65,6 +65,19 @@ def finish_wandb(exit_code: int) -> None:
         wandb.finish(exit_code=exit_code)
 
 
+def validate_the_end(trainer: L.Trainer, model: LanguageModel, datamodule) -> None:
+    """Validate the last step if the schedule did not, and let that loss count for best.ckpt (ModelCheckpoint
+    only sees validations inside fit)."""
+    if model.validated_at == trainer.global_step:
+        return
+    trainer.validate(model, datamodule=datamodule, verbose=False)
+    checkpoint, loss = trainer.checkpoint_callback, trainer.callback_metrics["val/loss"]
+    if checkpoint and checkpoint.monitor == "val/loss" and checkpoint.mode == "min" \
+            and (checkpoint.best_model_score is None or loss < checkpoint.best_model_score):
+        checkpoint.best_model_path, checkpoint.best_model_score = checkpoint.format_checkpoint_name({}), loss
+        trainer.save_checkpoint(checkpoint.best_model_path)
+
+
 def train(cfg: DictConfig) -> float:
     if cfg.get("threads"):
         torch.set_num_threads(cfg.threads)
@@ -89,8 +102,7 @@ def train(cfg: DictConfig) -> float:
         start = time.perf_counter()
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
         wall_s = time.perf_counter() - start
-        if model.validated_at != trainer.global_step:  # the run did not end on a validation: measure the end
-            trainer.validate(model, datamodule=datamodule, verbose=False)
+        validate_the_end(trainer, model, datamodule)
 
         tokens = trainer.global_step * trainer.accumulate_grad_batches * trainer.world_size \
             * datamodule.batch_size * datamodule.block_size

@@ -43,6 +43,15 @@ def test_training_learns_checkpoints_and_generates(attention, tmp_path, corpus):
     assert len(text) == 25 and set(text) <= set(tokenizer.chars)
 
 
+@pytest.mark.parametrize("steps", [12, 5])  # validations at step 10 and the end; only the end
+def test_best_checkpoint_counts_the_validation_at_the_end(tmp_path, corpus, steps):
+    _, out = run(tmp_path, corpus, f"trainer.max_steps={steps}")
+    val = column(read_metrics(out), "val/loss")
+    assert all(val[-1][1] < v for _, v in val[:-1])  # still learning: the end is the best
+    assert json.loads((out / "metrics.json").read_text())["best_val_loss"] == pytest.approx(val[-1][1])
+    assert torch.load(out / "checkpoints" / "best.ckpt", weights_only=False)["global_step"] == steps
+
+
 def test_same_seed_same_loss_curve(tmp_path, corpus):
     curves = [column(read_metrics(run(tmp_path, corpus, "trainer.max_steps=15", name=n)[1]), "train/loss")
               for n in ("a", "b")]

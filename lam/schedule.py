@@ -9,7 +9,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 
 def warmup_cosine(optimizer: Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1) -> LambdaLR:
-    """lr(step) = lr · factor: step/warmup during warmup, then a cosine from 1 down to min_lr_ratio at
+    """lr(step) = lr · factor: (step + 1)/warmup during warmup, then a cosine from 1 down to min_lr_ratio at
     total_steps, and min_lr_ratio after it."""
 
     def factor(step: int) -> float:

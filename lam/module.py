@@ -46,8 +46,8 @@ class LanguageModel(L.LightningModule):
 
     def logs_this_step(self) -> bool:
         """Whether Lightning writes step metrics after this step: every trainer.log_every_n_steps-th step, and
-        the last. `self.log` costs about 1 ms a call, 2% of a small model's CPU step, so the hot path calls it
-        only then (benchmarks/RESULTS.md, Training speed)."""
+        the last. `self.log` costs about 1 ms a call (three a step were 5% of a small model's CPU step), so the
+        hot path calls it only then (benchmarks/RESULTS.md, Training speed)."""
         every = self.trainer.log_every_n_steps
         return every > 0 and ((self.global_step + 1) % every == 0 or self.trainer.should_stop)
 

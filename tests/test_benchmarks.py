@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 
 import pytest
@@ -21,8 +20,7 @@ def test_profile_mode_profiles_the_same_steady_state_steps_on_both_sides(tmp_pat
     for kind in ("lam", "plain"):
         (run,) = runs[kind]
         assert run["steps"] == 3  # steps 2, 3 and 4: after the warmup, before validation
-        assert run["ops_ms"] > 0 and run["around_ms"] > 0
-        assert math.isclose(run["ops_ms"] + run["around_ms"], run["ms_step"])
+        assert 0 < run["ops_ms"] < run["ms_step"]  # the kernels' share of the wall time
         assert "aten::mm" in run["top_ops"]
     assert "aten::_fused_adamw_" in runs["lam"][0]["top_ops"]  # LAM's default optimizer, not the plain loop's
     assert "aten::_fused_adamw_" not in runs["plain"][0]["top_ops"]

@@ -6,6 +6,7 @@ import sys
 import zipfile
 
 import pytest
+from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from hydra.utils import get_object, instantiate
 from omegaconf import OmegaConf
@@ -34,13 +35,13 @@ def test_every_combination_composes_and_builds_a_model(model, attention, data, t
 
 
 def targets(node):
-    """Every `_target_` in a config tree."""
-    if OmegaConf.is_dict(node):
+    """Every `_target_` in a config tree of plain dicts and lists."""
+    if isinstance(node, dict):
         if "_target_" in node:
-            yield node._target_
+            yield node["_target_"]
         for value in node.values():
             yield from targets(value)
-    elif OmegaConf.is_list(node):
+    elif isinstance(node, list):
         for value in node:
             yield from targets(value)
 
@@ -54,8 +55,13 @@ def test_every_group_yaml_composes_and_its_targets_exist(group, choice, tmp_path
         [f"data={choice}", *(["data.path=x.txt"] if choice == "custom" else [])]
     if group == "hparams_search":
         pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    cfg = compose_train(overrides, tmp_path)
-    for target in targets(cfg[group]) if group in cfg else []:
+    compose_train(overrides, tmp_path)
+    tree = OmegaConf.load(CONF / group / f"{choice}.yaml")  # the file's own targets
+    if group == "hparams_search":  # the sweeper and its sampler, from the plugin's configs, under hydra.
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            tree = compose("train", [f"hparams_search={choice}"], return_hydra_config=True).hydra.sweeper
+        assert len(list(targets(OmegaConf.to_container(tree)))) == 2
+    for target in targets(OmegaConf.to_container(tree)):
         assert get_object(target) is not None
 
 
@@ -67,12 +73,27 @@ def test_cpu_trainer_callbacks_and_loggers_build(tmp_path):
     assert trainer.max_steps == cfg.trainer.max_steps
 
 
+def leaves(node, prefix=""):
+    """(dotted key, value) of every leaf of a config tree."""
+    for key, value in node.items():
+        if OmegaConf.is_dict(value):
+            yield from leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml")))
-def test_every_experiment_composes(experiment, tmp_path):
+def test_every_experiment_sets_its_values_and_builds(experiment, tmp_path):
+    """Each value the preset file sets (its defaults list and hydra: settings aside) is what the composed
+    config holds, and the model builds."""
     cfg = compose_train([f"experiment={experiment}"], tmp_path)
-    OmegaConf.resolve(cfg)
+    preset = OmegaConf.load(ROOT / "experiments" / f"{experiment}.yaml")
+    own = [(key, value) for key, value in leaves(preset) if not key.startswith(("defaults", "hydra."))]
+    assert own
+    for key, value in own:
+        assert OmegaConf.select(cfg, key) == value, key
     net = instantiate(cfg.model, vocab_size=65)
-    assert net is not None
+    assert sum(p.numel() for p in net.parameters()) > 0
 
 
 def test_unknown_group_option_is_a_composition_error(tmp_path):

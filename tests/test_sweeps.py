@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from helpers import TINY, compose_train
 from lam.config import config_dir
 
-SWEEP_FILE = config_dir().parent / "experiments" / "sweeps" / "lr_attention.yaml"
+SWEEP_FILE = config_dir().parent / "experiments" / "sweeps" / "lr_attention.yml"
 RUN = [*TINY, "trainer.max_steps=5", "trainer.val_check_interval=5", "callbacks.samples=null"]
 
 

@@ -42,7 +42,9 @@ def test_non_utf8_file_names_the_byte(tmp_path):
 
 def test_non_utf8_file_can_be_read_with_replacement(tmp_path, corpus):
     (tmp_path / "latin1.txt").write_bytes(corpus.read_bytes() + "café".encode("latin-1"))
-    assert train_on(tmp_path / "latin1.txt", tmp_path, "data.errors=replace", "trainer.max_steps=2") > 0
+    train_on(tmp_path / "latin1.txt", tmp_path, "data.errors=replace", "trainer.max_steps=2")
+    _, tokenizer = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert tokenizer.encode("caf\ufffd")  # the byte é became U+FFFD, a character of the vocabulary
 
 
 def test_block_size_longer_than_validation_split(tmp_path):

@@ -144,4 +144,6 @@ def test_baselines_train(model, tmp_path, corpus):
 def test_stan_preset_fits_its_small_validation_split(tmp_path):
     tiny_run = [o for o in TINY_RUN if not o.startswith(("data.", "trainer.max_steps"))]
     cfg = compose_train([*TINY_MODEL, *tiny_run, "data=stan", "trainer.max_steps=10"], tmp_path)
-    assert train(cfg) > 0
+    val_loss = train(cfg)
+    assert cfg.data.eval_batches == 8 and column(read_metrics(tmp_path), "val/loss")[-1][1] == val_loss
+    assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 10

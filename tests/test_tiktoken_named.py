@@ -73,8 +73,9 @@ def test_reachability_probe_is_bounded(monkeypatch):
         assert can_connect("127.0.0.1", server.getsockname()[1], timeout=2.0)
     assert not can_connect("127.0.0.1", free_port(), timeout=2.0)
 
-    def hanging_lookup(*args, **kwargs):
+    def hanging_lookup(*args, **kwargs):  # a name lookup that gives up only after 30 s
         time.sleep(30)
+        raise OSError("lookup timed out")
 
     monkeypatch.setattr(socket, "create_connection", hanging_lookup)
     start = time.monotonic()

@@ -54,11 +54,8 @@ class StopAt(L.Callback):
             trainer.should_stop = True
 
 
-class InterruptAt(L.Callback):
+class InterruptAt(StopAt):
     """Presses Ctrl-C, in effect, after `step` optimizer steps: raises KeyboardInterrupt."""
-
-    def __init__(self, step: int):
-        self.step = step
 
     def on_train_batch_end(self, trainer, *args) -> None:
         if trainer.global_step >= self.step:

@@ -12,6 +12,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import OmegaConf
 
 from helpers import compose_train
+from lam.compare import flatten
 from lam.config import config_dir
 
 CONF = config_dir()
@@ -60,8 +61,10 @@ def test_every_group_yaml_composes_and_its_targets_exist(group, choice, tmp_path
     if group == "hparams_search":  # the sweeper and its sampler, from the plugin's configs, under hydra.
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             tree = compose("train", [f"hparams_search={choice}"], return_hydra_config=True).hydra.sweeper
-        assert len(list(targets(OmegaConf.to_container(tree)))) == 2
-    for target in targets(OmegaConf.to_container(tree)):
+    found = list(targets(OmegaConf.to_container(tree)))
+    if group == "hparams_search":
+        assert len(found) == 2
+    for target in found:
         assert get_object(target) is not None
 
 
@@ -73,22 +76,14 @@ def test_cpu_trainer_callbacks_and_loggers_build(tmp_path):
     assert trainer.max_steps == cfg.trainer.max_steps
 
 
-def leaves(node, prefix=""):
-    """(dotted key, value) of every leaf of a config tree."""
-    for key, value in node.items():
-        if OmegaConf.is_dict(value):
-            yield from leaves(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
-
-
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml")))
 def test_every_experiment_sets_its_values_and_builds(experiment, tmp_path):
     """Each value the preset file sets (its defaults list and hydra: settings aside) is what the composed
     config holds, and the model builds."""
     cfg = compose_train([f"experiment={experiment}"], tmp_path)
     preset = OmegaConf.load(ROOT / "experiments" / f"{experiment}.yaml")
-    own = [(key, value) for key, value in leaves(preset) if not key.startswith(("defaults", "hydra."))]
+    own = [(key, value) for key, value in flatten(OmegaConf.to_container(preset)).items()
+           if not key.startswith(("defaults", "hydra."))]
     assert own
     for key, value in own:
         assert OmegaConf.select(cfg, key) == value, key

@@ -351,12 +351,12 @@ def main() -> None:
                 console.print(f"repeat {r} {attention:7s} {kind:5s} " + json.dumps(
                     {k: round(v, 3) if isinstance(v, float) else v for k, v in res.items() if k != "profile"}))
     console.print(f"load average after: {os.getloadavg()}")
-    peak = max(peak, matmul_peak(threads))  # before and after the runs: the quieter moment counts
     if profiling:
         profiles = {a: {k: [x["profile"] for x in results[(a, k)]] for k in ("lam", "plain")} for a in args.attention}
         if args.json:
             args.json.write_text(json.dumps(profiles, indent=1))
         return print_profile(console, profiles)
+    peak = max(peak, matmul_peak(threads))  # before and after the runs: the quieter moment counts
 
     block, batch = specs[args.attention[0]]["plain"]["block_size"], specs[args.attention[0]]["plain"]["batch_size"]
     table = Table(title=f"{args.mode}: LAM vs plain PyTorch, recipe sizes, "

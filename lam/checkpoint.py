@@ -14,8 +14,8 @@ def read_checkpoint(path: str | Path, device: str = "cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location=device, weights_only=False)
+    try:  # memory-mapped: tensors are read when used, so a check that reads shapes only reads little
+        checkpoint = torch.load(path, map_location=device, weights_only=False, mmap=True)
     except Exception as e:  # torch.load raises many kinds for a file that is not a checkpoint
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
     lam = checkpoint.get("lam") if isinstance(checkpoint, dict) else None

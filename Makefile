@@ -21,7 +21,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	if ! $(PY) -c "import torch" 2>/dev/null && ! command -v nvidia-smi >/dev/null 2>&1; then \
-		$(PIP) install --quiet --extra-index-url https://download.pytorch.org/whl/cpu "torch==2.13.0"; fi
+		$(PIP) install --quiet --retries 0 --timeout 10 --extra-index-url https://download.pytorch.org/whl/cpu "torch==2.13.0"; fi
 	$(PIP) install --quiet -e ".[dev]"
 	touch $@
 

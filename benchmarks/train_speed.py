@@ -19,7 +19,7 @@ Each run is a fresh subprocess (peak RSS = its own ru_maxrss); runs alternate la
 every repeat, so that a busy machine slows both alike. Speed mode: ms/step is the steady state, from the end of
 step `--warmup` to the last step, with no validation inside (lam: from the Throughput callback's elapsed_s in
 the csv; plain: perf_counter around the loop); the median over repeats is reported. MFU = tokens/s x
-lam.flops.flops_per_token (attention term of the mechanism in use) / the fp32 matmul peak measured here.
+lam.models.flops.flops_per_token (attention term of the mechanism in use) / the fp32 matmul peak measured here.
 Quality mode: both validate every 50 steps on the same 4 x 12 fixed windows, and stop at val loss < 1.886
 (lam: an EarlyStopping callback with stopping_threshold); "wall s" is the whole subprocess, imports included.
 The plain loop keeps nanoGPT's recipe (lr 1e-3 over 2000 steps, then the floor, at most --max-plain steps);
@@ -308,7 +308,7 @@ def main() -> None:
     from rich.table import Table
 
     from lam.config import compose_train
-    from lam.flops import flops_per_token
+    from lam.models.flops import flops_per_token
 
     console = Console()
     tmp = Path(tempfile.mkdtemp(prefix="lam-train-speed-"))
@@ -386,7 +386,7 @@ def main() -> None:
                               "yes" if m["best_val"] < TARGET else "no", f"{m['wall_s']:.1f}",
                               f"{m['ms_step']:.1f}", f"{ratio:.2f}" if kind == "lam" else "")
     console.print(table)
-    console.print("FLOPs/token (training, lam.flops): "
+    console.print("FLOPs/token (training, lam.models.flops): "
                   + ", ".join(f"{a}: {f / 1e6:.2f} M" for a, f in flops.items())
                   + f"; MFU against the fp32 matmul peak, {peak:.1f} GFLOP/s (1024^3, best of 20, "
                   f"threads={threads or torch.get_num_threads()})")

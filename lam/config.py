@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 
 from lam.errors import UserError
-from lam.hardware import cpu_precision
+from lam.training.precision import cpu_precision
 
 # ${lam.cpu_precision:} in conf/trainer/cpu.yaml
 if not OmegaConf.has_resolver("lam.cpu_precision"):

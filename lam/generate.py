@@ -13,7 +13,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from lam.checkpoint import read_checkpoint
+from lam.training.checkpoint import read_checkpoint
 from lam.config import config_dir, report_user_errors
 from lam.data.tokenizer import Tokenizer, check_same_tokenizer, load_tokenizer
 from lam.errors import UserError

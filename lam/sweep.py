@@ -28,7 +28,7 @@ from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _Su
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from lam import compare
+from lam.training import runs as run_folders
 from lam.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def run_as_own_process() -> float:
 def job_results(sweep_dir: Path) -> list[dict[str, Any]]:
     """Each job folder's name, overrides and metrics.json ({} for a job that did not finish), in job order."""
     jobs = []
-    for run in compare.find_runs([str(sweep_dir)]):
+    for run in run_folders.find_runs([str(sweep_dir)]):
         overrides = run / ".hydra" / "overrides.yaml"
         metrics = run / "metrics.json"
         jobs.append({"job": run.relative_to(sweep_dir).as_posix(),
@@ -85,16 +85,16 @@ def summarize(sweep_dir: Path, metric: str = "val/loss") -> dict[str, Any] | Non
     summary = {"sweep_dir": str(sweep_dir), "jobs": jobs, "best": best}
     (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
-    runs = [compare.load_run(sweep_dir / j["job"], metric) for j in jobs]
+    runs = [run_folders.load_run(sweep_dir / j["job"], metric) for j in jobs]
     console = Console(file=io.StringIO(), width=200, record=True)
-    console.print(compare.table(runs, metric))
+    console.print(run_folders.table(runs, metric))
     if best is not None:
         varied = [o for o in best["overrides"] if not all(o in job["overrides"] for job in jobs)]
         console.print(f"best: job {best['job']} ({' '.join(varied)}), "
                       f"val_loss {best['metrics']['val_loss']:.4f}")
     (sweep_dir / "summary.txt").write_text(console.export_text())
     if any(run.values for run in runs):
-        compare.plot(runs, metric, sweep_dir / "compare.png")
+        run_folders.plot(runs, metric, sweep_dir / "compare.png")
     return summary
 
 

@@ -5,7 +5,7 @@ Composes conf/train.yaml with the overrides, builds the DataModule, the model an
 loss (what Optuna sweeps minimise).
 
 Tracking: the loggers (logger=csv | tensorboard | wandb | many) receive the resolved config with the parameter
-count and FLOPs per token (lam.flops) before training, and tokens seen after it; a wandb run also gets
+count and FLOPs per token (lam.models.flops) before training, and tokens seen after it; a wandb run also gets
 metrics.json as its summary, and is finished on every way out, marked failed after an error or Ctrl-C.
 """
 
@@ -25,10 +25,10 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from lam.checkpoint import check_resumable
+from lam.training.checkpoint import check_resumable
 from lam.config import config_dir, report_user_errors
-from lam.flops import flops_per_token
-from lam.module import LanguageModel
+from lam.models.flops import flops_per_token
+from lam.training.lightning_module import LanguageModel
 from lam.sweep import needs_own_process, run_as_own_process
 
 os.environ.setdefault("WANDB_MODE", "offline")

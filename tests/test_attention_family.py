@@ -70,7 +70,7 @@ def causal_mask(T, window=None):
     return (dist >= 0) & (dist < (window or T))
 
 
-def reference(layer, q, k, v, gate=None):
+def reference(layer, q, k, v, gates=None):
     """The paper's formula as one masked (T, T) product, in float64."""
     q, k, v = q.double(), k.double(), v.double()
     T, d = q.shape[2], q.shape[3]
@@ -86,7 +86,7 @@ def reference(layer, q, k, v, gate=None):
         D = gamma[:, None, None] ** (n[:, None] - n).clamp(min=0) * causal_mask(T)
         return rms((q @ k.mT / math.sqrt(d)) * D @ v)
     if isinstance(layer, GatedLinearAttention):  # Yang et al. 2023, Sec. 4.2: ((Q ⊙ B)(K / B)ᵀ ⊙ M) V
-        alpha = torch.sigmoid(gate.double()) ** (1 / layer.gate_temperature)
+        alpha = torch.sigmoid(gates.double()) ** (1 / layer.gate_temperature)
         Bc = alpha.cumprod(dim=2)  # b_t = prod_{s<=t} alpha_s
         return rms(((q * Bc) @ (k / Bc).mT / math.sqrt(d)) * causal_mask(T) @ v)
     raise TypeError(type(layer))
@@ -97,7 +97,7 @@ def inputs(layer, B=2, T=37, scale=1.0, dtype=torch.float32, seed=0):
     shape = (B, layer.n_head, T, layer.head_dim)
     q, k, v = (scale * torch.randn(shape, generator=g, dtype=dtype) for _ in range(3))
     gated = isinstance(layer, GatedLinearAttention)
-    extra = {"gate": torch.randn(shape, generator=g, dtype=dtype)} if gated else {}
+    extra = {"gates": torch.randn(shape, generator=g, dtype=dtype)} if gated else {}
     return q, k, v, extra
 
 

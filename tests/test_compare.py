@@ -11,7 +11,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from helpers import TINY, column, read_metrics
-from lam.compare import differing_keys, find_runs, load_run, main, table
+from lam.compare import main
+from lam.training.runs import differing_keys, find_runs, load_run, table
 
 REPO = Path(__file__).resolve().parents[1]
 

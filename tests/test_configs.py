@@ -12,7 +12,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import OmegaConf
 
 from helpers import compose_train
-from lam.compare import flatten
+from lam.training.runs import flatten
 from lam.config import config_dir
 
 CONF = config_dir()

@@ -1,5 +1,5 @@
 """The data pipeline: token cache (reuse, rebuild, crashes, races, dtype), splits, document joins, the
-`python -m lam.data` statistics, the tokenizer in the run folder, and a BPE training run end to end."""
+`python -m lam.prepare` statistics, the tokenizer in the run folder, and a BPE training run end to end."""
 
 from __future__ import annotations
 
@@ -20,10 +20,11 @@ from hydra.utils import instantiate
 
 from helpers import TINY, compose_train, write_corpus
 from lam.config import user_error
-from lam.data import CharTokenizer, TextDataModule, Tokenizer, load_tokenizer
+from lam.data import CharTokenizer, Tokenizer, load_tokenizer
+from lam.training.datamodule import TextDataModule
 from lam.data.bpe import BPETokenizer
 from lam.data.corpora import read_text
-from lam.data.datamodule import token_dtype
+from lam.training.datamodule import token_dtype
 from lam.data.tokenizer import check_same_tokenizer
 from lam.errors import UserError
 from lam.generate import load_checkpoint
@@ -230,7 +231,7 @@ def test_bad_input_is_one_clear_error(tmp_path):
 def test_cli_prepares_and_prints_statistics(corpus, tmp_path):
     env = {**os.environ, "LAM_CACHE_DIR": str(tmp_path / "cache")}
     args = ["data=custom", f"data.path={corpus}", "tokenizer=bpe", "tokenizer.vocab_size=300"]
-    result = subprocess.run([sys.executable, "-m", "lam.data", *args], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "lam.prepare", *args], capture_output=True, text=True,
                             cwd=tmp_path, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     [entry] = (tmp_path / "cache").iterdir()

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from helpers import TINY, column, compose_train, read_metrics
-from lam.data.datamodule import RandomWindows, TextDataModule
+from lam.training.datamodule import RandomWindows, TextDataModule
 from lam.errors import UserError
 from lam.train import train
 
@@ -115,7 +115,7 @@ def test_ddp_multirun_jobs_match_one_process_on_the_same_global_batch(tmp_path, 
 
     # the comparison can tell: one process on twice the batch, but other windows, ends elsewhere
     other = one_process(tmp_path, corpus, f"optim.lr={lrs[0]}", f"data.batch_size={2 * BATCH}", name="other",
-                        datamodule="lam.data.TextDataModule.from_path")
+                        datamodule="lam.training.datamodule.TextDataModule.from_path")
     first = json.loads((sweep / "0" / "metrics.json").read_text())["val_loss"]
     assert abs(json.loads((other / "metrics.json").read_text())["val_loss"] - first) > 1000 * TOLERANCE
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from helpers import TINY, column, compose_train, read_metrics
-from lam import hardware
+from lam.training import precision as hardware
 from lam.models import LAM
 from lam.models.attention import LinearAttention, SoftmaxAttention
 from lam.train import train

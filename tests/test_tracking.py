@@ -16,7 +16,7 @@ import wandb
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from helpers import TINY, column, compose_train, read_metrics
-from lam.flops import flops_per_token, forward_flops_per_token, mixing_flops
+from lam.models.flops import flops_per_token, forward_flops_per_token
 from lam.models import LAM
 from lam.models.attention import Attention, LinearAttention, SoftmaxAttention
 from lam.train import train
@@ -207,9 +207,9 @@ def test_flops_count_linear_layers_once_and_causal_softmax_pairs():
 def test_flops_linear_attention_counts_chunk_pairs_and_state():
     # chunks of 2: queries see 1, 2, 1, 2 keys (1.5), per key 2 heads x 2(F + D) = 32 FLOPs; the state 4·H·F·D
     attn = LinearAttention(d_model=8, n_head=2, chunk_size=2)
-    assert mixing_flops(attn, 4) == 32 * 1.5 + 4 * 2 * 4 * 4
+    assert attn.mixing_flops(4) == 32 * 1.5 + 4 * 2 * 4 * 4
     taylor = LinearAttention(d_model=8, n_head=2, chunk_size=2, feature_map="taylor")  # F = 1 + 4 + 10
-    assert mixing_flops(taylor, 4) == 2 * 2 * (15 + 4) * 1.5 + 4 * 2 * 15 * 4
+    assert taylor.mixing_flops(4) == 2 * 2 * (15 + 4) * 1.5 + 4 * 2 * 15 * 4
 
 
 def test_attention_cost_per_token_grows_with_context_for_softmax_only():
@@ -220,10 +220,10 @@ def test_attention_cost_per_token_grows_with_context_for_softmax_only():
     assert per_token[16][1] == per_token[32][1] == per_token[48][1]  # linear: the same per token
 
 
-def test_unknown_attention_warns_and_counts_projections_only():
+def test_a_mechanism_without_its_flops_is_refused_by_name():
     class Mystery(Attention):
-        def mix(self, q, k, v, state):
+        def mix(self, q, k, v, state, gates=None):
             return v, state
 
-    with pytest.warns(UserWarning, match="Mystery"):
-        assert forward_flops_per_token(tiny_lam(Mystery, n_layer=1), 8) == 2 * (768 + 80)
+    with pytest.raises(NotImplementedError, match="Mystery must implement mixing_flops"):
+        forward_flops_per_token(tiny_lam(Mystery, n_layer=1), 8)

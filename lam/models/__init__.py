@@ -2,6 +2,6 @@
 
 from lam.models.baselines import Bigram, NGram
 from lam.models.decoder import LAM
-from lam.models.generate import generate, stream
+from lam.models.sampling import generate, stream
 
 __all__ = ["LAM", "Bigram", "NGram", "generate", "stream"]

@@ -2,12 +2,15 @@
 
 The contract (DESIGN.md): `forward(x, state=None) -> (y, state)`. `state` carries what a mechanism needs to
 continue a sequence (a KV cache, a recurrent state) and always counts the tokens seen so far in `offset`, so
-positions continue where they stopped. A subclass implements `mix`, the mechanism's own math; one that needs
-more than q, k, v (the gates of gated linear attention read x) overrides `forward` with the same three steps.
+positions continue where they stopped. A subclass implements
+- `mix(q, k, v, state, gates)`: the mechanism's own math. `gates` is what `gates(x)` computes from the layer's
+  input besides q, k and v: None for every mechanism but gated linear attention, whose decay reads x;
+- `mixing_flops(context)`: what its token mixing costs per token (lam.models.flops sums it over the layers).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -49,12 +52,41 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
         q, k, v = self.project(x, state)
-        y, state = self.mix(q, k, v, state)
+        y, state = self.mix(q, k, v, state, self.gates(x))
         return self.merge(y), state
 
-    def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+    def gates(self, x: torch.Tensor) -> torch.Tensor | None:
+        """What the mechanism reads from x besides q, k, v, as (B, H, T, .) heads; None: nothing."""
+        return None
+
+    def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Any,
+            gates: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
         """(B, H, T, D) queries, keys, values -> (B, H, T, D) outputs and the state after the last token."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement mix(q, k, v, state, gates)")
+
+    def mixing_flops(self, context: int) -> float:
+        """Forward FLOPs per token of the token mixing (all heads, projections excluded), averaged over the
+        positions of a window of `context` tokens. A multiply-add is 2 FLOPs."""
+        raise NotImplementedError(f"{type(self).__name__} must implement mixing_flops(context): "
+                                  "lam.models.flops counts every attention's token mixing")
+
+
+def mean_keys(context: int, keys_seen: Callable[[int], int]) -> float:
+    """Keys a query attends to, averaged over the positions t = 0 .. context-1 of a training window."""
+    return sum(keys_seen(t) for t in range(context)) / context
+
+
+def pairwise_flops(n_head: int, head_dim: int, context: int, keys_seen: Callable[[int], int]) -> float:
+    """Attention over explicit query-key pairs (softmax, window): a pair costs 2D for the score and 2D for the
+    weighted value, per head of D channels."""
+    return 4 * n_head * head_dim * mean_keys(context, keys_seen)
+
+
+def chunked_flops(n_head: int, feature_dim: int, head_dim: int, chunk_size: int, context: int) -> float:
+    """The linear family in chunks of C tokens with F feature channels per head: pairs inside a chunk at
+    2(F + D) each, plus reading q·S and adding k vᵀ to the H states of F x D."""
+    H, F, D, C = n_head, feature_dim, head_dim, chunk_size
+    return 2 * H * (F + D) * mean_keys(context, lambda t: t % C + 1) + 4 * H * F * D
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lam.models.attention import fla_backend
-from lam.models.attention.base import Attention, HeadNorm, accumulation_dtype
+from lam.models.attention.base import Attention, HeadNorm, accumulation_dtype, chunked_flops
 
 
 class DecayState(NamedTuple):
@@ -98,7 +98,7 @@ def decayed_mix(q, k, v, g, state: DecayState | None, chunk_size: int, backend: 
 
 
 class GatedLinearAttention(Attention):
-    """Multi-head GLA. Its gates read x, so `forward` computes them and passes them to `mix`.
+    """Multi-head GLA: its decay gates read x (`gates`).
 
     gate_rank: rank of the gate projection x -> W_1 W_2 (paper: 16).
     gate_temperature: tau in alpha = sigmoid(.)^(1/tau); larger keeps alpha nearer 1, a longer memory
@@ -117,12 +117,14 @@ class GatedLinearAttention(Attention):
         self.gate_temperature, self.chunk_size, self.backend = gate_temperature, chunk_size, backend
         self.norm = HeadNorm(self.head_dim, norm_eps)
 
-    def forward(self, x: torch.Tensor, state: DecayState | None = None) -> tuple[torch.Tensor, DecayState]:
-        q, k, v = self.project(x, state)
-        y, state = self.mix(q, k, v, state, gate=self.split_heads(self.gate(x)))
-        return self.merge(y), state
+    def gates(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, D) gate logits, one per key channel."""
+        return self.split_heads(self.gate(x))
 
-    def mix(self, q, k, v, state: DecayState | None, gate: torch.Tensor):
-        """gate: (B, H, T, D) gate logits; log alpha = logsigmoid(gate) / tau, computed in float32."""
-        g = F.logsigmoid(gate.to(accumulation_dtype(gate.dtype))) / self.gate_temperature
+    def mixing_flops(self, context: int) -> float:
+        return chunked_flops(self.n_head, self.head_dim, self.head_dim, self.chunk_size, context)
+
+    def mix(self, q, k, v, state: DecayState | None, gates: torch.Tensor = None):
+        """gates: (B, H, T, D) gate logits; log alpha = logsigmoid(gates) / tau, computed in float32."""
+        g = F.logsigmoid(gates.to(accumulation_dtype(gates.dtype))) / self.gate_temperature
         return decayed_mix(q, k, v, g, state, self.chunk_size, self.backend, self.norm)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lam.models.attention import fla_backend
-from lam.models.attention.base import Attention, HeadNorm, accumulation_dtype
+from lam.models.attention.base import Attention, HeadNorm, accumulation_dtype, chunked_flops
 from lam.models.attention.feature_maps import FEATURE_MAPS, POSITIVE
 
 
@@ -108,7 +108,11 @@ class LinearAttention(Attention):
         self.normalize, self.chunk_size, self.eps, self.backend = normalize, chunk_size, eps, backend
         self.norm = None if normalize else HeadNorm(self.head_dim, norm_eps)
 
-    def mix(self, q, k, v, state: LinearState | None):
+    def mixing_flops(self, context: int) -> float:
+        features = self.phi(torch.zeros(1, self.head_dim)).shape[-1]
+        return chunked_flops(self.n_head, features, self.head_dim, self.chunk_size, context)
+
+    def mix(self, q, k, v, state: LinearState | None, gates=None):
         dtype, acc = v.dtype, accumulation_dtype(v.dtype)
         with torch.autocast(device_type=q.device.type, enabled=False):
             q, k, v = self.phi(q.to(acc)), self.phi(k.to(acc)), v.to(acc)

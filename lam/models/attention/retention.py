@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from lam.models.attention import fla_backend
-from lam.models.attention.base import Attention, HeadNorm, accumulation_dtype
+from lam.models.attention.base import Attention, HeadNorm, accumulation_dtype, chunked_flops
 from lam.models.attention.gated import DecayState, decayed_mix
 
 
@@ -41,7 +41,10 @@ class Retention(Attention):
         self.chunk_size, self.backend = chunk_size, backend
         self.norm = HeadNorm(self.head_dim, norm_eps)
 
-    def mix(self, q, k, v, state: DecayState | None):
+    def mixing_flops(self, context: int) -> float:
+        return chunked_flops(self.n_head, self.head_dim, self.head_dim, self.chunk_size, context)
+
+    def mix(self, q, k, v, state: DecayState | None, gates=None):
         B, H, T, _ = q.shape
         # computed here, not held in a buffer, which model.to(torch.bfloat16) would round
         log_gamma = gammas(H).log().to(q.device, accumulation_dtype(q.dtype))

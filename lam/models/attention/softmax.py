@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from lam.models.attention.base import Attention
+from lam.models.attention.base import Attention, pairwise_flops
 
 
 class KVCache(NamedTuple):
@@ -22,7 +22,10 @@ class KVCache(NamedTuple):
 class SoftmaxAttention(Attention):
     """softmax(q kᵀ / sqrt(d) + causal mask) v. Training and prefill: O(T²); a cached step: O(T)."""
 
-    def mix(self, q, k, v, state: KVCache | None):
+    def mixing_flops(self, context: int) -> float:
+        return pairwise_flops(self.n_head, self.head_dim, context, lambda t: t + 1)
+
+    def mix(self, q, k, v, state: KVCache | None, gates=None):
         dropout = self.dropout if self.training else 0.0
         if state is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from lam.models.attention.base import Attention
+from lam.models.attention.base import Attention, pairwise_flops
 
 
 class WindowCache(NamedTuple):
@@ -42,7 +42,10 @@ class SlidingWindowAttention(Attention):
             raise ValueError(f"window must be >= 1, got {window}")
         self.window = window
 
-    def mix(self, q, k, v, state: WindowCache | None):
+    def mixing_flops(self, context: int) -> float:
+        return pairwise_flops(self.n_head, self.head_dim, context, lambda t: min(t + 1, self.window))
+
+    def mix(self, q, k, v, state: WindowCache | None, gates=None):
         dropout = self.dropout if self.training else 0.0
         if state is None and q.shape[2] <= self.window:  # the band is the whole causal triangle
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)

@@ -1,4 +1,4 @@
-"""python -m lam.data [data=...] [tokenizer=...] [key=value ...]
+"""python -m lam.prepare [data=...] [tokenizer=...] [key=value ...]
 
 Prepares the token cache that `python -m lam.train` with the same overrides would use (conf/prepare.yaml
 composes conf/train.yaml) and prints its statistics: documents, characters and tokens per split, characters

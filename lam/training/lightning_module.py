@@ -12,19 +12,20 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 
-def param_groups(net: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices of linear layers; leave norms, biases and embeddings (and the head tied to one) alone."""
+def param_groups(net: nn.Module) -> list[dict]:
+    """Decay matrices of linear layers; leave norms, biases and embeddings (and the head tied to one) alone.
+    The decayed group names no weight decay, so it takes the optimizer's own."""
     no_decay = {id(m.weight) for m in net.modules() if isinstance(m, (nn.Embedding, nn.LayerNorm))}
     decay, other = [], []
     for p in net.parameters():  # parameters() yields a tied weight once
         if p.requires_grad:
             (decay if p.dim() >= 2 and id(p) not in no_decay else other).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return [{"params": decay}, {"params": other, "weight_decay": 0.0}]
 
 
 class LanguageModel(L.LightningModule):
-    """net: a model with `net(idx, state) -> (logits, state)`; optimizer: a partial taking parameter groups
-    (its `weight_decay` applies to the decayed group); scheduler: a partial taking the optimizer;
+    """net: a model with `net(idx, state) -> (logits, state)`; optimizer: a callable taking parameter groups
+    (its own weight decay applies to the decayed group); scheduler: a partial taking the optimizer;
     compile: torch.compile the net; config: the run's resolved config, saved in every checkpoint."""
 
     def __init__(self, net: nn.Module, optimizer: Callable, scheduler: Callable | None = None,
@@ -80,8 +81,7 @@ class LanguageModel(L.LightningModule):
         self.validated_at = self.global_step
 
     def configure_optimizers(self):
-        weight_decay = getattr(self.optimizer, "keywords", {}).get("weight_decay", 0.0)
-        optimizer = self.optimizer(param_groups(self.net, weight_decay))
+        optimizer = self.optimizer(param_groups(self.net))
         if self.scheduler is None:
             return optimizer
         return {"optimizer": optimizer,

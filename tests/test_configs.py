@@ -1,6 +1,7 @@
 """Every config composes and builds; configs travel inside the wheel."""
 
 import itertools
+import os
 import subprocess
 import sys
 import zipfile
@@ -76,12 +77,12 @@ def test_cpu_trainer_callbacks_and_loggers_build(tmp_path):
     assert trainer.max_steps == cfg.trainer.max_steps
 
 
-@pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml")))
+@pytest.mark.parametrize("experiment", choices("experiment"))
 def test_every_experiment_sets_its_values_and_builds(experiment, tmp_path):
     """Each value the preset file sets (its defaults list and hydra: settings aside) is what the composed
     config holds, and the model builds."""
     cfg = compose_train([f"experiment={experiment}"], tmp_path)
-    preset = OmegaConf.load(ROOT / "experiments" / f"{experiment}.yaml")
+    preset = OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml")
     own = [(key, value) for key, value in flatten(OmegaConf.to_container(preset)).items()
            if not key.startswith(("defaults", "hydra."))]
     assert own
@@ -96,10 +97,30 @@ def test_unknown_group_option_is_a_composition_error(tmp_path):
         compose_train(["attention=quadratic"], tmp_path)
 
 
-def test_wheel_carries_the_configs(tmp_path):
+@pytest.fixture(scope="module")
+def installed_wheel(tmp_path_factory):
+    """LAM's wheel, built from the repository and installed (without dependencies) into a folder of its own."""
+    tmp = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path), str(ROOT)], check=True)
-    wheel, = tmp_path.glob("lam-*.whl")
+                    "-w", str(tmp), str(ROOT)], check=True)
+    wheel, = tmp.glob("lam-*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp / "site"),
+                    str(wheel)], check=True)
+    return wheel, tmp / "site"
+
+
+def test_wheel_carries_the_configs_once(installed_wheel):
+    wheel, _ = installed_wheel
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "lam/conf/train.yaml" in names and "lam/conf/attention/linear.yaml" in names
-    assert "lam/conf/experiment/shakespeare_char_cpu.yaml" in names
+    presets = sorted(n for n in names if n.endswith("shakespeare_char_cpu.yaml"))
+    assert presets == ["lam/conf/experiment/shakespeare_char_cpu.yaml"]
+
+
+def test_installed_wheel_finds_the_presets_outside_the_repository(installed_wheel, tmp_path):
+    _, site = installed_wheel
+    code = ("from lam.config import compose_train, config_dir; print(config_dir()); "
+            "print(compose_train(['experiment=shakespeare_char_fast'], '.').task_name)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(site)}).stdout.split()
+    assert out == [str(site / "lam" / "conf"), "shakespeare_char_fast"]

@@ -20,26 +20,31 @@ from torch import nn
 from lam.models.attention import Attention, SoftmaxAttention
 
 
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}  # the MLP's nonlinearity, by its config name
+
+
 class MLP(nn.Module):
-    def __init__(self, d_model: int, dropout: float, bias: bool):
+    def __init__(self, d_model: int, dropout: float, bias: bool, activation: str = "gelu"):
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         self.fc = nn.Linear(d_model, 4 * d_model, bias=bias)
-        self.gelu = nn.GELU()
+        self.act = ACTIVATIONS[activation]()
         self.proj = nn.Linear(4 * d_model, d_model, bias=bias)
         self.proj.residual = True
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(self.gelu(self.fc(x))))
+        return self.dropout(self.proj(self.act(self.fc(x))))
 
 
 class Block(nn.Module):
-    def __init__(self, d_model: int, attention: Attention, dropout: float, bias: bool):
+    def __init__(self, d_model: int, attention: Attention, dropout: float, bias: bool, activation: str = "gelu"):
         super().__init__()
         self.ln_1 = nn.LayerNorm(d_model, bias=bias)
         self.attn = attention
         self.ln_2 = nn.LayerNorm(d_model, bias=bias)
-        self.mlp = MLP(d_model, dropout, bias)
+        self.mlp = MLP(d_model, dropout, bias, activation)
 
     def forward(self, x: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
         a, state = self.attn(self.ln_1(x), state)
@@ -54,11 +59,12 @@ class LAM(nn.Module):
         layer (a class, or a `functools.partial` of one, as Hydra's `_partial_: true` builds).
     pos: "learned" absolute position embeddings (context limited to block_size) or "rope" rotary positions
         inside attention (no limit).
+    activation: the MLP's nonlinearity, "gelu" (GPT-2) or "relu" (the original transformer, Tiny_GPT).
     """
 
     def __init__(self, vocab_size: int, attention: Callable[..., Attention] = SoftmaxAttention,
                  n_layer: int = 4, n_head: int = 4, n_embd: int = 128, block_size: int = 64,
-                 dropout: float = 0.0, bias: bool = False, pos: str = "learned"):
+                 dropout: float = 0.0, bias: bool = False, pos: str = "learned", activation: str = "gelu"):
         super().__init__()
         if pos not in ("learned", "rope"):
             raise ValueError(f"pos must be 'learned' or 'rope', got {pos!r}")
@@ -68,7 +74,7 @@ class LAM(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
             Block(n_embd, attention(d_model=n_embd, n_head=n_head, dropout=dropout, bias=bias,
-                                    rope=pos == "rope"), dropout, bias)
+                                    rope=pos == "rope"), dropout, bias, activation)
             for _ in range(n_layer)
         )
         self.ln_f = nn.LayerNorm(n_embd, bias=bias)

@@ -9,7 +9,6 @@ LAM_DATA_DIR ?= $(abspath $(firstword $(wildcard ../shared/data)))
 ifneq ($(LAM_DATA_DIR),)
 export LAM_DATA_DIR
 endif
-export WANDB_MODE ?= offline
 
 .PHONY: setup train test test-fast bench bench-attention clean
 

@@ -12,12 +12,32 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 
+from lam.data.paths import default_cache_dir, default_data_dir
 from lam.errors import UserError
 from lam.training.precision import cpu_precision
+from lam.training.runs import flatten, model_groups
 
-# ${lam.cpu_precision:} in conf/trainer/cpu.yaml
-if not OmegaConf.has_resolver("lam.cpu_precision"):
-    OmegaConf.register_new_resolver("lam.cpu_precision", cpu_precision)
+
+
+def run_labels(root: DictConfig) -> list[str]:
+    """The choices that say what a run trained on what: the model's, the groups its config takes (a bigram
+    takes no attention), the data's; e.g. ["lam", "linear", "shakespeare"]."""
+    choices = HydraConfig.get().runtime.choices
+    model = flatten(OmegaConf.to_container(root.model, resolve=False)).values()
+    return [choices[group] for group in (*model_groups(model, choices), "data")]
+
+
+RESOLVERS = {
+    "lam.cpu_precision": cpu_precision,  # conf/trainer/cpu.yaml
+    "lam.data_dir": lambda: str(default_data_dir()),  # conf/paths/default.yaml
+    "lam.cache_dir": lambda: str(default_cache_dir()),
+    # conf/logger/wandb.yaml: e.g. lam-linear-shakespeare-s7, bigram-shakespeare-s7
+    "lam.run_name": lambda _root_: "-".join([*run_labels(_root_), f"s{_root_.seed}"]),
+    "lam.run_tags": lambda _root_: [*run_labels(_root_), *_root_.get("tags", [])],  # plus the run's own tags
+}
+for name, resolver in RESOLVERS.items():
+    if not OmegaConf.has_resolver(name):
+        OmegaConf.register_new_resolver(name, resolver)
 
 
 def config_dir() -> Path:

@@ -31,8 +31,6 @@ from lam.models.flops import flops_per_token
 from lam.training.lightning_module import LanguageModel
 from lam.sweep import needs_own_process, run_as_own_process
 
-os.environ.setdefault("WANDB_MODE", "offline")
-
 
 def instantiate_all(group: DictConfig | None) -> list:
     """Objects of a dict-of-configs group (callbacks, logger); an entry set to null is left out."""

@@ -46,12 +46,15 @@ def test_compare_reports_each_runs_best_loss_and_writes_a_png(multirun, tmp_path
     assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 10_000
 
 
-def fake_run(path: Path, seed: int, lr: float, val_losses: list[float]) -> Path:
-    """A run folder as lam.train leaves it, with made-up losses."""
+def fake_run(path: Path, seed: int, lr: float, val_losses: list[float], model: str = "lam") -> Path:
+    """A run folder as lam.train leaves it, with made-up losses; the LAM decoder takes the attention group,
+    the bigram does not."""
     (path / ".hydra").mkdir(parents=True)
-    OmegaConf.save({"seed": seed, "optim": {"lr": lr}, "paths": {"output_dir": str(path)}},
+    model_config = {"_target_": "lam.models.LAM", "attention": "${attention}", "block_size": "${data.block_size}"} \
+        if model == "lam" else {"_target_": "lam.models.Bigram"}
+    OmegaConf.save({"seed": seed, "model": model_config, "optim": {"lr": lr}, "paths": {"output_dir": str(path)}},
                    path / ".hydra" / "config.yaml")
-    choices = {"model": "lam", "attention": "linear", "hydra/launcher": "basic"}
+    choices = {"model": model, "attention": "linear", "data": "shakespeare", "hydra/launcher": "basic"}
     OmegaConf.save({"hydra": {"runtime": {"choices": choices}}}, path / ".hydra" / "hydra.yaml")
     (path / "csv").mkdir()
     with open(path / "csv" / "metrics.csv", "w", newline="") as f:
@@ -69,6 +72,7 @@ def test_runs_differing_only_in_seed_are_averaged(tmp_path, capsys):
     fake_run(tmp_path / "c", seed=1, lr=3e-3, val_losses=[2.5])
     runs = [load_run(path, "val/loss") for path in find_runs([str(tmp_path)])]
     assert differing_keys(runs) == ["optim.lr"]
+    assert [run.model_groups for run in runs] == [["model", "attention"]] * 3
     assert runs[1].seconds == [1.0, 2.0, 3.0]  # wall time at each logged step
 
     main([str(tmp_path), "--png", str(tmp_path / "c.png")])
@@ -92,3 +96,15 @@ def test_a_metric_no_run_logged_is_a_one_line_error_naming_the_logged_ones(tmp_p
     err = capsys.readouterr().err
     assert exit.value.code == 1 and err.strip() == "error: no run has logged 'val_loss' in its csv/metrics.csv; " \
         "logged: elapsed_s, val/loss"
+
+
+def test_columns_name_the_groups_each_model_takes(tmp_path):
+    """A bigram run has no attention: its row says so, although Hydra composed the attention group."""
+    lam_run = load_run(fake_run(tmp_path / "a", seed=1, lr=1e-3, val_losses=[2.0]), "val/loss")
+    bigram_run = load_run(fake_run(tmp_path / "b", seed=1, lr=1e-3, val_losses=[2.5], model="bigram"), "val/loss")
+    assert [lam_run.model_groups, bigram_run.model_groups] == [["model", "attention"], ["model"]]
+    both = table([lam_run, bigram_run], "val/loss")
+    assert [c.header for c in both.columns][:3] == ["run", "model", "attention"]
+    cells = {c.header: list(c.cells) for c in both.columns}
+    assert cells["model"] == ["lam", "bigram"] and cells["attention"] == ["linear", "-"]
+    assert "attention" not in [c.header for c in table([bigram_run], "val/loss").columns]

@@ -124,3 +124,22 @@ def test_installed_wheel_finds_the_presets_outside_the_repository(installed_whee
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(site)}).stdout.split()
     assert out == [str(site / "lam" / "conf"), "shakespeare_char_fast"]
+
+
+@pytest.mark.parametrize("env,mode", [(None, "offline"), ("online", "online"), ("disabled", "disabled")])
+def test_wandb_is_offline_unless_wandb_mode_says_otherwise(env, mode, tmp_path, monkeypatch):
+    if env is None:
+        monkeypatch.delenv("WANDB_MODE", raising=False)
+    else:
+        monkeypatch.setenv("WANDB_MODE", env)
+    assert compose_train(["logger=wandb"], tmp_path).logger.wandb.mode == mode
+
+
+@pytest.mark.parametrize("model,name", [("lam", "lam-softmax-stan-s7"), ("bigram", "bigram-stan-s7"),
+                                        ("ngram", "ngram-stan-s7")])
+def test_wandb_names_and_tags_a_run_by_what_it_trained(model, name, tmp_path):
+    """The attention is in the name only of a model that takes one; tags=[...] join the tags."""
+    cfg = compose_train(["logger=wandb", f"model={model}", "attention=softmax", "data=stan", "seed=7",
+                         "tags=[baseline,v2]"], tmp_path)
+    assert cfg.logger.wandb.name == name
+    assert list(cfg.logger.wandb.tags) == [*name.split("-")[:-1], "baseline", "v2"]

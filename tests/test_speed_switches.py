@@ -19,12 +19,7 @@ from lam.train import train
 BATCH, BLOCK, STEPS, WINDOW = 4, 32, 20, 5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_net(attention=SoftmaxAttention, seed: int = 0) -> LAM:

@@ -26,14 +26,7 @@ CSV_COLUMNS = {"step", "epoch", "train/loss", "lr", "grad_norm", "tokens_per_sec
                "val/ppl"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train fastest on one thread, and several times faster than on two while other processes
-    load the CPU; subprocesses get OMP_NUM_THREADS=1."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models train fastest on one thread
 
 
 def wandb_env(tmp: Path) -> dict:

@@ -6,35 +6,122 @@ loss (what Optuna sweeps minimise).
 
 Tracking: the loggers (logger=csv | tensorboard | wandb | many) receive the resolved config with the parameter
 count and FLOPs per token (lam.models.flops) before training, and tokens seen after it; a wandb run also gets
-metrics.json as its summary, and is finished on every way out, marked failed after an error or Ctrl-C.
+metrics.json as its summary, and is finished on every way out, marked failed after an error or Ctrl-C. Every
+logger writes metrics at the optimizer steps done (trainer.global_step), the step samples.jsonl and the
+progress bar show. A resumed wandb run continues the wandb run of the checkpoint's run (its id is kept in the
+checkpoint's config).
+
+From the command line the run's log goes to the terminal and to train.log in the run folder, Lightning's
+messages included, and a failed run's error or traceback too; the run ends with a summary of what it made.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import secrets
+import string
 import sys
 import time
+import warnings
+from numbers import Real
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from lam.config import config_dir, report_user_errors, user_error
+from lam.errors import UserError
 from lam.training.checkpoint import check_resumable
-from lam.config import config_dir, report_user_errors
+from lam.training.finetune import Start, adapt, check_architecture, check_context, parameter_counts, read_start
 from lam.models.flops import flops_per_token
 from lam.training.lightning_module import LanguageModel
 from lam.sweep import needs_own_process, run_as_own_process
 
 
+os.environ.setdefault("WANDB_MODE", "offline")
+
+log = logging.getLogger(__name__)
+
+# Warnings that say nothing about the run: the model summary sizes parameters in 32 bits under any precision,
+# and Lightning 2.6 calls a torch pytree API that torch 2.10 deprecated.
+warnings.filterwarnings("ignore", message="Precision .* is not supported by the model summary")
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+# Lightning's messages that tell nothing about this run: kept in train.log, left off the terminal
+NOT_ON_THE_TERMINAL = ("GPU available:", "TPU available:", "HPU available:", "💡 Tip:",
+                       "Trainer already configured with model summary callbacks")
+
+
+def is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def is_number(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+# values that cannot work, checked before anything is built: (key, test, what is allowed)
+VALUE_CHECKS = [
+    ("optim.lr", lambda v: is_number(v) and v > 0, "must be > 0 (the learning rate)"),
+    ("optim.weight_decay", lambda v: is_number(v) and v >= 0, "must be >= 0"),
+    ("data.batch_size", is_positive_int, "must be an integer >= 1 (windows per batch)"),
+    ("data.block_size", is_positive_int, "must be an integer >= 1 (tokens per window)"),
+    ("data.eval_batches", is_positive_int, "must be an integer >= 1 (validation batches)"),
+    ("trainer.max_steps", is_positive_int, "must be an integer >= 1 (the training stream has no end)"),
+    ("trainer.accumulate_grad_batches", is_positive_int, "must be an integer >= 1"),
+]
+
+
+def check_values(cfg: DictConfig) -> None:
+    """A UserError naming the first key of VALUE_CHECKS whose value cannot work."""
+    for key, allowed, rule in VALUE_CHECKS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and not allowed(value):
+            raise UserError(f"{key}={value} {rule}")
+
+
 def instantiate_all(group: DictConfig | None) -> list:
     """Objects of a dict-of-configs group (callbacks, logger); an entry set to null is left out."""
     return [instantiate(c) for c in (group or {}).values() if c is not None]
+
+
+def callbacks_for(trainer_cfg: DictConfig, callbacks: list) -> list:
+    """The callbacks, less the progress bar under trainer.enable_progress_bar=false and the model summary under
+    trainer.enable_model_summary=false (Lightning refuses a bar it is told not to show)."""
+    off = tuple(kind for switch, kind in (("enable_progress_bar", ProgressBar), ("enable_model_summary", ModelSummary))
+                if trainer_cfg.get(switch) is False)
+    return [c for c in callbacks if not isinstance(c, off)] if off else callbacks
+
+
+def log_at_steps_done(trainer: L.Trainer) -> None:
+    """Make every logger write metrics at trainer.global_step, the optimizer steps done. Lightning writes those
+    of training and validation at the count of batches that stepped before the current one (9 for the
+    metrics of the 10th step), and those of a validation after fit at the steps done (10)."""
+    for logger in trainer.loggers:
+        def log_metrics(metrics: dict, step: int | None = None, write=logger.log_metrics) -> None:
+            write(metrics, step=trainer.global_step)
+
+        logger.log_metrics = log_metrics
+
+
+def keep_wandb_run(cfg: DictConfig, config: dict, resumed_config: dict | None) -> None:
+    """Give the wandb logger (cfg, and the run's resolved `config` that checkpoints keep) the run id of the run
+    resumed from, kept in its checkpoint's config, or a new one: a resumed run logs into the same wandb run
+    (resume: allow)."""
+    if "wandb" not in (config.get("logger") or {}) or config["logger"]["wandb"].get("id") is not None:
+        return
+    kept = ((resumed_config or {}).get("logger") or {}).get("wandb") or {}
+    run_id = kept.get("id") or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    cfg.logger.wandb.id = config["logger"]["wandb"]["id"] = run_id
 
 
 @rank_zero_only
@@ -66,34 +153,77 @@ def finish_wandb(exit_code: int) -> None:
 def validate_the_end(trainer: L.Trainer, model: LanguageModel, datamodule) -> None:
     """Validate the last step if the schedule did not, and let that loss count for best.ckpt (ModelCheckpoint
     only sees validations inside fit)."""
-    if model.validated_at == trainer.global_step:
+    if model.validated_at == trainer.global_step or not trainer.enable_validation:
         return
     trainer.validate(model, datamodule=datamodule, verbose=False)
     checkpoint, loss = trainer.checkpoint_callback, trainer.callback_metrics["val/loss"]
     if checkpoint and checkpoint.monitor == "val/loss" and checkpoint.mode == "min" \
             and (checkpoint.best_model_score is None or loss < checkpoint.best_model_score):
         checkpoint.best_model_path, checkpoint.best_model_score = checkpoint.format_checkpoint_name({}), loss
-        trainer.save_checkpoint(checkpoint.best_model_path)
+        trainer.save_checkpoint(checkpoint.best_model_path, weights_only=False)
 
 
-def train(cfg: DictConfig) -> float:
+@rank_zero_only
+def log_summary(metrics: dict, output_dir: str, checkpoint) -> None:
+    """What the run made, in a few lines: its losses, where it is, its speed and how to sample from it."""
+    best = checkpoint.best_model_path if checkpoint and checkpoint.best_model_path else None
+    last = checkpoint.last_model_path if checkpoint and checkpoint.last_model_path else None
+    if metrics["val_loss"] is None:
+        log.info("val loss: none (trainer.limit_val_batches=0: no validation)")
+    else:
+        best_loss = metrics["best_val_loss"]
+        log.info(f"val loss: {metrics['val_loss']:.4f}" + (f", best {best_loss:.4f}" if best_loss is not None
+                                                            else ""))
+    log.info(f"run folder: {output_dir}")
+    if best or last:
+        log.info(f"{'best' if best else 'last'} checkpoint: {best or last}")
+    if metrics["tokens_per_sec"] is not None:
+        log.info(f"tokens/s: {metrics['tokens_per_sec']:,.0f} ({metrics['tokens_seen']:,} tokens in "
+                 f"{metrics['wall_s']} s)")
+    if best or last:
+        log.info(f"sample from it: python -m lam.generate ckpt={best or last}")
+
+
+def start_from(cfg: DictConfig) -> Start:
+    """init_from's model, whose architecture replaces cfg.model; a UserError if the command line asks for
+    another, or also resumes a run."""
+    if cfg.get("ckpt_path"):
+        raise UserError("init_from= starts a new run from a model's weights and ckpt_path= resumes a run: "
+                        "give one of them")
+    start = read_start(cfg.init_from)
+    check_architecture(start, OmegaConf.to_container(cfg.model, resolve=True), HydraConfig.get().overrides.task)
+    with open_dict(cfg):
+        cfg.model = start.model
+    return start
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Train as `cfg` says; the final validation loss (None without validation)."""
+    check_values(cfg)
     if cfg.get("threads"):
         torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
+    start = start_from(cfg) if cfg.get("init_from") else None
+    datamodule = instantiate(cfg.data, **({"tokenizer": start.tokenizer} if start else {}))
     net = instantiate(cfg.model, vocab_size=datamodule.vocab_size)
-    size = {"params": sum(p.numel() for p in net.parameters()),  # counted before torch.compile wraps the net
+    if start:
+        check_context(start, net, datamodule.block_size)
+        start.load_into(net)
+    adapted = adapt(net, OmegaConf.to_container(cfg.lora, resolve=True)) if cfg.get("lora") else []
+    size = {**parameter_counts(net),  # counted before torch.compile wraps the net
             "flops_per_token": flops_per_token(net, datamodule.block_size)}
+    log.info(f"parameters: {size['params']:,}" + (f", of which {size['trainable_params']:,} train (LoRA adapters "
+                                                  f"on {len(adapted)} layers)" if adapted else ""))
     config = OmegaConf.to_container(cfg, resolve=True)
     model = LanguageModel(net, optimizer=instantiate(cfg.optim), scheduler=instantiate(cfg.scheduler),
                           compile=cfg.compile, config=config)
-    trainer = instantiate(cfg.trainer, callbacks=instantiate_all(cfg.callbacks),
+    keep_wandb_run(cfg, config, check_resumable(cfg.ckpt_path, model) if cfg.ckpt_path else None)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks_for(cfg.trainer, instantiate_all(cfg.callbacks)),
                           logger=instantiate_all(cfg.logger) or False)
     if needs_own_process(trainer):  # DDP inside a multirun (see lam.sweep)
         return run_as_own_process()
+    log_at_steps_done(trainer)
 
-    if cfg.ckpt_path:
-        check_resumable(cfg.ckpt_path, model)
     try:
         for logger in trainer.loggers:  # once per run: the resolved config, the model's size and cost
             logger.log_hyperparams({**config, **size})
@@ -105,8 +235,9 @@ def train(cfg: DictConfig) -> float:
         tokens = trainer.global_step * trainer.accumulate_grad_batches * trainer.world_size \
             * datamodule.batch_size * datamodule.block_size
         checkpoint = trainer.checkpoint_callback
+        val_loss = trainer.callback_metrics.get("val/loss")
         metrics = {
-            "val_loss": float(trainer.callback_metrics["val/loss"]),
+            "val_loss": float(val_loss) if val_loss is not None else None,
             "best_val_loss": float(checkpoint.best_model_score) if checkpoint and checkpoint.best_model_score
             is not None else None,
             "steps": trainer.global_step,
@@ -118,6 +249,7 @@ def train(cfg: DictConfig) -> float:
         }
         write_json(Path(cfg.paths.output_dir) / "metrics.json", metrics)
         log_results(trainer.loggers, metrics)
+        log_summary(metrics, cfg.paths.output_dir, checkpoint)
     except BaseException:  # an error or Ctrl-C (Lightning's SystemExit): the wandb run ends as failed
         finish_wandb(exit_code=1)
         raise
@@ -125,10 +257,54 @@ def train(cfg: DictConfig) -> float:
     return metrics["val_loss"]
 
 
+class LeaveOff(logging.Filter):
+    """Drops the records whose message starts with one of `prefixes`."""
+
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+def log_to_the_run() -> None:
+    """Lightning's loggers print through handlers of their own (set up at import, before Hydra configured
+    logging): hand their records to the root logger instead, whose handlers Hydra points at the terminal and at
+    the run's train.log. The terminal leaves out NOT_ON_THE_TERMINAL."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.addFilter(LeaveOff(NOT_ON_THE_TERMINAL))
+
+
+def log_failure_to_file(exc: BaseException) -> None:
+    """Write why the run ended to train.log (the terminal shows it already): the one line of a user's error,
+    else the traceback."""
+    if (error := user_error(exc)) is not None:
+        record = log.makeRecord(log.name, logging.ERROR, __file__, 0, f"error: {error}", None, None)
+    elif isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "run interrupted", None, None)
+    else:
+        record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "run failed", None,
+                                (type(exc), exc, exc.__traceback__))
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 @report_user_errors
-def main(cfg: DictConfig) -> float:
-    return train(cfg)
+def main(cfg: DictConfig) -> float | None:
+    log_to_the_run()
+    try:
+        return train(cfg)
+    except BaseException as e:
+        log_failure_to_file(e)
+        raise
 
 
 if __name__ == "__main__":

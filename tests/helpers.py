@@ -16,7 +16,7 @@ TINY_RUN = [
     "data.block_size=32", "data.batch_size=4", "data.eval_batches=2",
     "trainer.max_steps=30", "trainer.val_check_interval=10", "trainer.log_every_n_steps=1",
     "scheduler.warmup_steps=5", "optim.lr=3e-3",
-    "callbacks.samples.max_new_tokens=20", "callbacks.progress_bar=null", "+trainer.enable_progress_bar=false",
+    "callbacks.samples.max_new_tokens=20", "trainer.enable_progress_bar=false",
     "callbacks.model_summary=null", "+trainer.enable_model_summary=false",
 ]
 TINY = TINY_MODEL + TINY_RUN

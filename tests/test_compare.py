@@ -61,7 +61,7 @@ def fake_run(path: Path, seed: int, lr: float, val_losses: list[float], model: s
         writer = csv.DictWriter(f, fieldnames=["step", "elapsed_s", "val/loss"])
         writer.writeheader()
         for i, loss in enumerate(val_losses):
-            writer.writerow({"step": 10 * i + 9, "elapsed_s": i + 1.0, "val/loss": loss})
+            writer.writerow({"step": 10 * (i + 1), "elapsed_s": i + 1.0, "val/loss": loss})
     (path / "metrics.json").write_text(json.dumps({"params": 1000, "tokens_seen": 5000, "wall_s": 2.0}))
     return path
 

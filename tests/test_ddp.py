@@ -101,7 +101,7 @@ def test_ddp_multirun_jobs_match_one_process_on_the_same_global_batch(tmp_path, 
         assert (run / "train_ddp_process_1.log").is_file()
         assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
         rows = read_metrics(run)
-        assert [s for s, _ in column(rows, "train/loss")] == list(range(STEPS))  # logged once per step
+        assert [s for s, _ in column(rows, "train/loss")] == list(range(1, STEPS + 1))  # logged once per step
         metrics = json.loads((run / "metrics.json").read_text())
         assert metrics["steps"] == STEPS and metrics["tokens_seen"] == STEPS * 2 * BATCH * BLOCK
         assert summary["jobs"][job]["metrics"] == metrics

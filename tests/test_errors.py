@@ -1,5 +1,6 @@
 """Bad input: a clear one-line error, exit status 1, nothing half-written."""
 
+import re
 import subprocess
 import sys
 
@@ -95,9 +96,13 @@ def test_resuming_from_a_missing_or_other_models_checkpoint(tmp_path, corpus):
         train_on(corpus, tmp_path, "ckpt_path=nowhere.ckpt")
     train_on(corpus, tmp_path, "trainer.max_steps=2")
     path = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    with pytest.raises(UserError, match=r"does not match this model: net.wte.weight is \(\d+, 32\) there and "
-                                        r"\(\d+, 64\) here"):
+    with pytest.raises(UserError, match=r"was written for another model: model.n_embd is 32 there and 64 here"):
         train_on(corpus, tmp_path, "model.n_embd=64", f"ckpt_path={path}")
+    other_vocabulary = tmp_path / "other.txt"  # the same model config, another vocabulary: the shapes differ
+    other_vocabulary.write_text(corpus.read_text() + "XYZ")
+    with pytest.raises(UserError, match=r"does not match this model: net.wte.weight is \(\d+, 32\) there and "
+                                        r"\(\d+, 32\) here"):
+        train_on(other_vocabulary, tmp_path, f"ckpt_path={path}")
 
 
 def cli(*args, cwd):
@@ -128,3 +133,39 @@ def test_cli_unknown_config_option_is_hydra_error(tmp_path):
     for group in ("experiment", "hparams_search"):  # preset groups too, which are empty by default
         result = cli("lam.train", f"{group}=nope", "--cfg", "job", cwd=tmp_path)
         assert result.returncode == 1 and f"Could not find '{group}/nope'" in result.stderr
+
+
+def test_resuming_another_attention_or_depth_names_the_differing_keys(tmp_path, corpus):
+    """Same shapes (linear and softmax attention) or more layers there: one line naming the model keys that
+    differ, before training."""
+    train_on(corpus, tmp_path, "trainer.max_steps=2", "model.n_layer=2")
+    path = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    with pytest.raises(UserError, match=r"^ckpt_path=.*last.ckpt was written for another model: "
+                                        r"model.attention._target_ is .*LinearAttention there and "
+                                        r".*SoftmaxAttention here"):
+        train_on(corpus, tmp_path, "model.n_layer=2", "attention=softmax", f"ckpt_path={path}")
+    with pytest.raises(UserError, match=r"another model: model.n_layer is 2 there and 1 here; resume with "):
+        train_on(corpus, tmp_path, "model.n_layer=1", f"ckpt_path={path}")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=-1", "optim.lr=-1 must be > 0"),
+    ("optim.lr=0", "optim.lr=0 must be > 0"),
+    ("data.batch_size=0", "data.batch_size=0 must be an integer >= 1"),
+    ("data.block_size=-3", "data.block_size=-3 must be an integer >= 1"),
+    ("data.eval_batches=0", "data.eval_batches=0 must be an integer >= 1"),
+    ("trainer.max_steps=0", "trainer.max_steps=0 must be an integer >= 1"),
+    ("trainer.max_steps=-1", "trainer.max_steps=-1 must be an integer >= 1"),
+    ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 must be an integer >= 1"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay=-0.1 must be >= 0"),
+])
+def test_values_that_cannot_work_are_refused_by_key(tmp_path, corpus, override, message):
+    with pytest.raises(UserError, match=f"^{re.escape(message)}"):
+        train_on(corpus, tmp_path, override)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_cli_bad_value_is_one_line(tmp_path, corpus):
+    result = cli("lam.train", *TINY, "data=custom", f"data.path={corpus}", "optim.lr=-1", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "error: optim.lr=-1 must be > 0 (the learning rate)"

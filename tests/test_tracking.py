@@ -7,22 +7,25 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
 import pytest
+import rich
 import torch
 import wandb
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from helpers import TINY, column, compose_train, read_metrics
+from helpers import TINY, StopAt, column, compose_train, read_metrics
 from lam.models.flops import flops_per_token, forward_flops_per_token
 from lam.models import LAM
 from lam.models.attention import Attention, LinearAttention, SoftmaxAttention
 from lam.train import train
 
 REPO = Path(__file__).resolve().parents[1]
-CSV_COLUMNS = {"step", "epoch", "train/loss", "lr", "grad_norm", "tokens_per_sec", "elapsed_s", "val/loss",
+CSV_COLUMNS = {"step", "epoch", "train/loss", "lr", "grad_norm", "tokens_per_sec", "flops_per_sec", "elapsed_s",
+               "val/loss",
                "val/ppl"}
 
 
@@ -84,8 +87,8 @@ def test_step_metrics_are_logged_at_the_steps_lightning_writes(tmp_path, corpus)
     sparse = read_metrics(run_train(tmp_path / "sparse", corpus, *short, "trainer.log_every_n_steps=4"))
     for key in ("train/loss", "lr", "grad_norm"):
         every_step = dict(column(dense, key))
-        assert sorted(every_step) == list(range(10))
-        assert column(sparse, key) == [(step, every_step[step]) for step in (3, 7)]
+        assert sorted(every_step) == list(range(1, 11))
+        assert column(sparse, key) == [(step, every_step[step]) for step in (4, 8)]
 
 
 def test_wandb_run_holds_curves_samples_config_and_run_facts(many_run):
@@ -99,7 +102,7 @@ def test_wandb_run_holds_curves_samples_config_and_run_facts(many_run):
     assert history(records, "train/loss") == column(csv, "train/loss")
     assert len(column(csv, "train/loss")) == 30
     assert history(records, "val/loss") == column(csv, "val/loss")
-    assert [s for s, _ in column(csv, "val/loss")] == [9, 19, 29]
+    assert [s for s, _ in column(csv, "val/loss")] == [10, 20, 30]
     for key in ("lr", "grad_norm", "tokens_per_sec", "val/ppl"):
         assert [s for s, _ in history(records, key)] == [s for s, _ in column(csv, key)]
     # the samples table grows at every validation (global steps 10, 20, 30), as samples.jsonl does
@@ -162,7 +165,7 @@ def test_an_error_or_ctrl_c_in_training_still_finishes_the_wandb_run(error, rais
         signal.signal(signal.SIGINT, sigint)
     assert wandb.run is None
     records = wandb_records(wandb_run_dir(tmp_path / "run"))
-    assert [s for s, _ in history(records, "train/loss")] == [0, 1]  # the third batch raised before logging
+    assert [s for s, _ in history(records, "train/loss")] == [1, 2]  # the third batch raised before logging
     assert [r["exit"]["exit_code"] for r in records if r["type"] == "exit"] == [1]
 
 
@@ -179,8 +182,8 @@ def test_under_ddp_only_rank_zero_logs(tmp_path, corpus):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     records = wandb_records(wandb_run_dir(out))
-    assert [s for s, _ in history(records, "train/loss")] == list(range(10))
-    assert [s for s, _ in history(records, "val/loss")] == [9]
+    assert [s for s, _ in history(records, "train/loss")] == list(range(1, 11))
+    assert [s for s, _ in history(records, "val/loss")] == [10]
     assert [r["exit"]["exit_code"] for r in records if r["type"] == "exit"] == [0]
     assert json.loads((out / "metrics.json").read_text())["tokens_seen"] == 10 * 2 * 4 * 32  # both ranks
 
@@ -220,3 +223,105 @@ def test_a_mechanism_without_its_flops_is_refused_by_name():
 
     with pytest.raises(NotImplementedError, match="Mystery must implement mixing_flops"):
         forward_flops_per_token(tiny_lam(Mystery, n_layer=1), 8)
+
+
+def wandb_run_dirs(out: Path) -> list[Path]:
+    return sorted((out / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.slow
+def test_a_resumed_wandb_run_continues_the_same_wandb_run(tmp_path, corpus, monkeypatch):
+    """Stopped after 20 of 40 steps, resumed in another run folder from last.ckpt: the second part logs into the
+    wandb run of the first (same id), from step 21 on, so the dashboard shows one curve."""
+    for var, value in wandb_env(tmp_path).items():
+        monkeypatch.setenv(var, value)
+    steps = ["trainer.max_steps=40", "logger=wandb"]
+    first = run_train(tmp_path / "first", corpus, *steps, "+callbacks.stop._target_=helpers.StopAt",
+                      "+callbacks.stop.step=20")
+    second = run_train(tmp_path / "second", corpus, *steps, f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}")
+    other = run_train(tmp_path / "other", corpus, *steps, "trainer.max_steps=2")  # a fresh run: a new id
+    (run_a,), (run_b,), (run_c,) = wandb_run_dirs(first), wandb_run_dirs(second), wandb_run_dirs(other)
+    records_a, records_b = wandb_records(run_a), wandb_records(run_b)
+    ids = [[r["run"]["run_id"] for r in records if r["type"] == "run"]
+           for records in (records_a, records_b, wandb_records(run_c))]
+    assert ids[0] == ids[1] and len(ids[0]) == 1 and ids[2] != ids[0]
+    assert [s for s, _ in history(records_a, "train/loss")] == list(range(1, 21))
+    assert [s for s, _ in history(records_b, "train/loss")] == list(range(21, 41))
+    assert [s for s, _ in history(records_b, "val/loss")] == [30, 40]
+
+
+class SlowValidation(L.Callback):
+    """Each validation takes `seconds` longer, half inside it and half after it (where samples are drawn)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def on_validation_batch_end(self, trainer, *args) -> None:
+        if args[-1] == 0:  # batch_idx
+            time.sleep(self.seconds / 2)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        time.sleep(self.seconds / 2)
+
+
+@pytest.mark.slow
+def test_throughput_measures_training_time_only(tmp_path, corpus):
+    """Validations every 10 steps, each 2 s slower than it is: neither elapsed_s nor tokens_per_sec counts
+    that time, while the run's wall time does."""
+    out = run_train(tmp_path / "run", corpus, f"+callbacks.slow._target_={__name__}.SlowValidation",
+                    "+callbacks.slow.seconds=2")
+    rows = read_metrics(out)
+    elapsed = dict(column(rows, "elapsed_s"))  # logged once the first window of 10 batches is full
+    assert sorted(elapsed) == list(range(10, 31))
+    assert elapsed[21] - elapsed[20] < 0.5 and elapsed[30] < 2  # 10 tiny steps take well under a second
+    tokens_per_window = 10 * 4 * 32  # the window of step 30 spans the validation at step 20
+    assert dict(column(rows, "tokens_per_sec"))[30] > tokens_per_window / 1
+    assert json.loads((out / "metrics.json").read_text())["wall_s"] > 3 * 2
+
+
+@pytest.mark.slow
+def test_samples_print_through_the_progress_bars_console(tmp_path, corpus):
+    """With the bar on, the sample panels go through its console (rich's global one, recording here), which
+    prints them above the bar instead of into its line."""
+    with_bar = [o for o in TINY if not o.startswith("trainer.enable_progress_bar")]
+    try:
+        train(compose_train([*with_bar, "data=custom", f"data.path={corpus}", "trainer.max_steps=10",
+                             "+callbacks.progress_bar.console_kwargs.record=true"], tmp_path / "run"))
+        printed = rich.get_console().export_text()
+    finally:
+        rich.reconfigure()  # a fresh global console for the tests after this one
+    assert "sample at step 10" in printed
+
+
+def cli_train(out: Path, corpus: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "lam.train", *TINY, "data=custom", f"data.path={corpus}",
+                           f"hydra.run.dir={out}", *overrides], cwd=out.parent, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_train_log_holds_the_runs_log_and_the_terminal_only_what_informs(tmp_path, corpus):
+    """train.log: Lightning's messages, the summary; a failed run's error line or traceback. The terminal:
+    the summary, without Lightning's device lines, tips and warnings that say nothing about the run."""
+    done = cli_train(tmp_path / "run", corpus, "trainer.max_steps=10")
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = (tmp_path / "run" / "train.log").read_text()
+    best = tmp_path / "run" / "checkpoints" / "best.ckpt"
+    for line in ("Seed set to 1337", "GPU available: False", f"run folder: {tmp_path / 'run'}",
+                 f"best checkpoint: {best}", f"sample from it: python -m lam.generate ckpt={best}", "val loss: "):
+        assert line in log
+    terminal = done.stdout + done.stderr
+    assert f"sample from it: python -m lam.generate ckpt={best}" in terminal and "tokens/s: " in terminal
+    for noise in ("GPU available", "TPU available", "litlogger", "LeafSpec", "not supported by the model summary",
+                  "weights_only", "Trainer already configured"):
+        assert noise not in terminal
+
+    failed = cli_train(tmp_path / "bad", corpus, "data.path=/nowhere.txt")
+    assert failed.returncode == 1
+    assert "error: /nowhere.txt does not exist" in (tmp_path / "bad" / "train.log").read_text()
+    crashed = cli_train(tmp_path / "crash", corpus, f"+callbacks.boom._target_={__name__}.Boom",
+                        "+callbacks.boom.error=error")
+    assert crashed.returncode == 1
+    log = (tmp_path / "crash" / "train.log").read_text()
+    assert "run failed" in log and "Traceback" in log and "RuntimeError: boom" in log

@@ -27,7 +27,7 @@ def test_training_learns_checkpoints_and_generates(attention, tmp_path, corpus):
     rows = read_metrics(out)
     train_loss = column(rows, "train/loss")
     val = column(rows, "val/loss")
-    assert [s for s, _ in val] == [9, 19, 29]  # validated every 10 steps
+    assert [s for s, _ in val] == [10, 20, 30]  # validated every 10 steps, at the steps done
     assert val[-1][1] < val[0][1] - 0.3 and train_loss[-1][1] < train_loss[0][1] - 0.5
     assert {"lr", "grad_norm", "tokens_per_sec"} <= set(rows[0])
 
@@ -81,7 +81,7 @@ def test_resume_from_last_checkpoint_matches_uninterrupted_run(tmp_path, corpus,
     steps = ["trainer.max_steps=40"]
     _, first = run(tmp_path, corpus, *steps, "+callbacks.stop._target_=helpers.StopAt", "+callbacks.stop.step=20",
                    name="first")
-    assert column(read_metrics(first), "train/loss")[-1][0] == 19  # stopped after 20 steps
+    assert column(read_metrics(first), "train/loss")[-1][0] == 20  # stopped after 20 steps
     _, second = run(tmp_path, corpus, *steps, f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}", name="second")
     assert_continues(second, whole_run, at=20)
 
@@ -147,3 +147,34 @@ def test_stan_preset_fits_its_small_validation_split(tmp_path):
     val_loss = train(cfg)
     assert cfg.data.eval_batches == 8 and column(read_metrics(tmp_path), "val/loss")[-1][1] == val_loss
     assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 10
+
+
+class BarProbe(L.Callback):
+    """The trainer's progress bar at the start of training."""
+
+    seen: list = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        BarProbe.seen.append(trainer.progress_bar_callback)
+
+
+def test_progress_bar_can_be_turned_off(tmp_path, corpus):
+    """trainer.enable_progress_bar=false with the callbacks group's bar left in: no bar, and no error."""
+    BarProbe.seen = []
+    with_bar = [o for o in TINY if not o.startswith("trainer.enable_progress_bar")]
+    run(tmp_path, corpus, "trainer.max_steps=2", "+callbacks.probe._target_=test_train.BarProbe", tiny=with_bar)
+    run(tmp_path, corpus, "trainer.max_steps=2", "+callbacks.probe._target_=test_train.BarProbe",
+        "trainer.enable_progress_bar=false", name="off", tiny=with_bar)
+    assert type(BarProbe.seen[0]).__name__ == "StepProgressBar" and BarProbe.seen[1] is None
+
+
+def test_training_without_validation(tmp_path, corpus):
+    """trainer.limit_val_batches=0: no validation, no val metrics, and still a metrics.json, a last.ckpt to
+    resume or sample from, and samples at the end."""
+    val_loss, out = run(tmp_path, corpus, "trainer.max_steps=12", "trainer.limit_val_batches=0")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert val_loss is None and metrics["val_loss"] is None and metrics["best_val_loss"] is None
+    assert metrics["steps"] == 12 and not column(read_metrics(out), "val/loss")
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 12
+    assert not (out / "checkpoints" / "best.ckpt").exists()
+    assert [json.loads(line)["step"] for line in (out / "samples.jsonl").read_text().splitlines()] == [12]

@@ -10,16 +10,20 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.throughput import Throughput as LightningThroughput
+from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
+from rich import get_console
 from rich.console import Console
 from rich.panel import Panel
 from rich.text import Text
 
 from lam.errors import UserError
 from lam.models import stream
+from lam.models.flops import flops_per_token
 
 
 def run_eagerly():
@@ -37,23 +41,54 @@ class StepProgressBar(RichProgressBar):
 
 
 class Throughput(L.Callback):
-    """Logs `tokens_per_sec` (all ranks together, averaged over the last `window` steps) and `elapsed_s`,
-    the wall time since training started."""
+    """Logs `tokens_per_sec` (all ranks together, over the last `window` batches) and `elapsed_s`, the
+    training time so far, at the steps whose metrics Lightning writes (trainer.log_every_n_steps); also `flops_per_sec` (lam.models.flops' count) and, on GPUs
+    whose peak Lightning knows, `mfu`. Computed by Lightning's Throughput, the one its ThroughputMonitor uses,
+    on a clock that stops from the start of each validation to the next training batch, so that validations
+    and the samples and checkpoints taken after them are not counted. (ThroughputMonitor counts what
+    SampleText does after a validation as training, and logs validation throughput among the step metrics at
+    validation batch counts.)"""
 
     def __init__(self, window: int = 10):
         self.window = window
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.start = self.mark = time.perf_counter()
-        self.tokens = 0
+        dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(str(trainer.precision).split("-")[0],
+                                                                   torch.float32)
+        self.throughput = LightningThroughput(available_flops=get_available_flops(pl_module.device, dtype),
+                                              world_size=trainer.world_size, window_size=self.window + 1)
+        self.throughput.update(time=0.0, batches=0, samples=0, lengths=0, flops=0)  # the window's first edge
+        self.flops_per_token = flops_per_token(pl_module.net, trainer.datamodule.block_size)
+        self.trained_s, self.resumed_at = 0.0, None  # time trained before the clock last started, and when
+        self.batches = self.samples = self.tokens = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.resumed_at is None:
+            self.resumed_at = time.perf_counter()
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and self.resumed_at is not None:
+            self.trained_s += time.perf_counter() - self.resumed_at
+            self.resumed_at = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.tokens += batch[0].numel() * trainer.world_size
-        if (batch_idx + 1) % self.window == 0:
-            now = time.perf_counter()
-            pl_module.log("tokens_per_sec", self.tokens / (now - self.mark), prog_bar=True)
-            pl_module.log("elapsed_s", now - self.start)
-            self.mark, self.tokens = now, 0
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = self.trained_s + time.perf_counter() - self.resumed_at
+        tokens = batch[0].numel()
+        self.batches, self.samples, self.tokens = self.batches + 1, self.samples + batch[0].shape[0], \
+            self.tokens + tokens
+        self.throughput.update(time=elapsed, batches=self.batches, samples=self.samples, lengths=self.tokens,
+                               flops=self.flops_per_token * tokens * trainer.world_size)
+        every = trainer.log_every_n_steps  # log where Lightning writes the step's metrics, once the window is full
+        rates = self.throughput.compute() if every and (trainer.global_step % every == 0 or trainer.should_stop) \
+            else {}
+        if "device/items_per_sec" in rates:
+            pl_module.log("tokens_per_sec", rates["device/items_per_sec"] * trainer.world_size, prog_bar=True)
+            pl_module.log("flops_per_sec", rates["device/flops_per_sec"] * trainer.world_size)
+            if "device/mfu" in rates:
+                pl_module.log("mfu", rates["device/mfu"])
+            pl_module.log("elapsed_s", elapsed)
 
 
 class SampleText(L.Callback):
@@ -108,7 +143,8 @@ class SampleText(L.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 self.log_table(logger, trainer.global_step, samples)
-        console = Console()
+        # through the progress bar's console (rich's global one), which prints above the bar
+        console = get_console() if isinstance(trainer.progress_bar_callback, RichProgressBar) else Console()
         for prompt, text in samples:
             console.print(Panel(Text(prompt + text), title=f"sample at step {trainer.global_step}"))
 
@@ -144,4 +180,4 @@ class InterruptedCheckpoint(L.Callback):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if trainer.state.fn == TrainerFn.FITTING and trainer.global_step > 0:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)

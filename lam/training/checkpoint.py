@@ -24,11 +24,33 @@ def read_checkpoint(path: str | Path, device: str = "cpu") -> dict:
     return checkpoint
 
 
-def check_resumable(path: str | Path, model: torch.nn.Module) -> None:
-    """A UserError unless the checkpoint at `path` holds weights of `model`'s names and shapes."""
-    weights = read_checkpoint(path)["state_dict"]
+def differing_keys(there: dict, here: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, value there, value here) wherever two nested configs differ; a key one of them lacks is
+    None there."""
+    out = []
+    for key in dict.fromkeys([*there, *here]):
+        a, b = there.get(key), here.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differing_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append((f"{prefix}{key}", a, b))
+    return out
+
+
+def check_resumable(path: str | Path, model: torch.nn.Module) -> dict:
+    """The config of the run that wrote the checkpoint at `path`; a UserError unless that run's model config
+    (attention included) is `model.config`'s and its weights have `model`'s names and shapes."""
+    checkpoint = read_checkpoint(path)
+    config = checkpoint["lam"]["config"]
+    differ = differing_keys(config["model"], model.config.get("model", {}), "model.")
+    if differ:
+        keys = ", ".join(f"{key} is {a} there and {b} here" for key, a, b in differ)
+        raise UserError(f"ckpt_path={path} was written for another model: {keys}; resume with the config of the "
+                        f"run that wrote it")
+    weights = checkpoint["state_dict"]
     for name, tensor in model.state_dict().items():
         if name not in weights or weights[name].shape != tensor.shape:
             there = f"is {tuple(weights[name].shape)} there" if name in weights else "is missing there"
             raise UserError(f"ckpt_path={path} does not match this model: {name} {there} and "
                             f"{tuple(tensor.shape)} here; resume with the config of the run that wrote it")
+    return config

@@ -45,7 +45,7 @@ class Run:
     config: dict      # the config flattened to dotted keys, unresolved, e.g. {"optim.lr": 0.001}
     steps: list       # the steps at which the metric was logged
     values: list      # the metric at those steps
-    seconds: list     # wall time since training started at those steps
+    seconds: list     # training time at those steps (elapsed_s: validations and samples left out)
     result: dict      # metrics.json ({} while the run has not finished)
 
     @property
@@ -107,7 +107,7 @@ def load_run(path: Path, metric: str) -> Run:
     metrics_csv = path / "csv" / "metrics.csv"
     rows = list(csv.DictReader(metrics_csv.open())) if metrics_csv.is_file() else []
     logged = [(int(r["step"]), number(r[metric])) for r in rows if number(r.get(metric)) is not None]
-    # elapsed_s is logged every few steps: the metric's steps read their wall time off the line through them
+    # elapsed_s is logged every few steps: the metric's steps read their training time off the line through them
     clock = [(0, 0.0)] + [(int(r["step"]), number(r["elapsed_s"])) for r in rows if r.get("elapsed_s")]
     steps = [s for s, _ in logged]
     seconds = np.interp(steps, [s for s, _ in clock], [t for _, t in clock]).tolist()
@@ -189,7 +189,8 @@ def table(runs: list[Run], metric: str) -> Table:
 
 
 def plot(runs: list[Run], metric: str, path: Path) -> None:
-    """The metric of every run against steps (left) and wall time (right), one colour per group."""
+    """The metric of every run against optimizer steps done (left) and training time (right), one colour per
+    group."""
     keys = differing_keys(runs)
     fig = Figure(figsize=(11, 4), layout="tight")
     FigureCanvasAgg(fig)  # rendered by Agg: no display, no global pyplot state
@@ -200,8 +201,8 @@ def plot(runs: list[Run], metric: str, path: Path) -> None:
             style = {"color": f"C{i}", "alpha": 0.8, "label": label if j == 0 else None, "marker": "."}
             by_step.plot(run.steps, run.values, **style)
             by_time.plot(run.seconds, run.values, **style)
-    by_step.set(xlabel="step", ylabel=metric, title=f"{metric} by step")
-    by_time.set(xlabel="wall time (s)", title=f"{metric} by wall time")
+    by_step.set(xlabel="optimizer steps done", ylabel=metric, title=f"{metric} by step")
+    by_time.set(xlabel="training time (s)", title=f"{metric} by training time")
     for ax in (by_step, by_time):
         ax.grid(alpha=0.3)
     by_step.legend()

@@ -1,4 +1,5 @@
-"""The decoder and baselines: causality, cached generation = uncached generation, plain-PyTorch use."""
+"""The decoder and baselines: causality, cached logits = recomputed logits at every step, cached generation =
+uncached generation, plain-PyTorch use."""
 
 import functools
 import subprocess
@@ -7,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from decoding import assert_cached_logits_match, context_sensitive_lam
 from lam.models import LAM, Bigram, NGram, generate
 from lam.models.attention import LinearAttention, SoftmaxAttention
 
@@ -34,13 +36,19 @@ def test_logits_at_t_ignore_later_tokens(attention, pos):
 
 @pytest.mark.parametrize("attention", ATTENTIONS)
 @pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_cached_logits_equal_recomputed_at_every_step(attention, pos):
+    assert_cached_logits_match(context_sensitive_lam(ATTENTIONS[attention], pos))
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize("pos", ["learned", "rope"])
 def test_cached_generation_equals_uncached(attention, pos):
-    net = tiny_lam(attention, pos)
+    net = context_sensitive_lam(ATTENTIONS[attention], pos, block_size=24)
     prompt = torch.randint(50, (2, 5))
     # 40 new tokens run past block_size=24, where learned positions crop the context
     cached = generate(net, prompt, 40, temperature=0, use_cache=True)
     uncached = generate(net, prompt, 40, temperature=0, use_cache=False)
-    assert cached.shape == (2, 45)
+    assert cached.shape == (2, 45) and len(set(cached[:, 5:].flatten().tolist())) > 5  # not one token repeated
     assert torch.equal(cached, uncached)
 
 

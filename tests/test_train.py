@@ -7,6 +7,8 @@ import signal
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
 
 from helpers import TINY, TINY_MODEL, TINY_RUN, column, compose_train, read_metrics
 from lam.generate import load_checkpoint, sample
@@ -23,7 +25,8 @@ def run(tmp_path, corpus, *overrides, name="run", tiny=TINY):
 
 @pytest.mark.parametrize("attention", ["linear", "softmax"])
 def test_training_learns_checkpoints_and_generates(attention, tmp_path, corpus):
-    val_loss, out = run(tmp_path, corpus, f"attention={attention}")
+    overrides = [f"attention={attention}", "trainer.precision=32-true"]  # the loss recomputed below in fp32
+    val_loss, out = run(tmp_path, corpus, *overrides)
     rows = read_metrics(out)
     train_loss = column(rows, "train/loss")
     val = column(rows, "val/loss")
@@ -32,15 +35,35 @@ def test_training_learns_checkpoints_and_generates(attention, tmp_path, corpus):
     assert {"lr", "grad_norm", "tokens_per_sec"} <= set(rows[0])
 
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["val_loss"] == pytest.approx(val_loss) == pytest.approx(val[-1][1])
+    assert val_loss == metrics["val_loss"] == pytest.approx(val[-1][1])
     assert metrics["steps"] == 30 and metrics["tokens_seen"] == 30 * 4 * 32
     assert (out / "checkpoints" / "last.ckpt").is_file() and (out / "checkpoints" / "best.ckpt").is_file()
     assert json.loads((out / "samples.jsonl").read_text().splitlines()[-1])["step"] == 30
 
     net, tokenizer = load_checkpoint(out / "checkpoints" / "last.ckpt")
-    text = sample(net, tokenizer, "The king", 25, out=io.StringIO(), temperature=0.8,
-                  generator=torch.Generator().manual_seed(0))
-    assert len(text) == 25 and set(text) <= set(tokenizer.chars)
+    cfg = compose_train([*TINY, "data=custom", f"data.path={corpus}", *overrides], out)
+    assert validation_loss(net, cfg) == pytest.approx(val_loss, rel=1e-5)  # last.ckpt holds the final weights
+
+    printed = io.StringIO()
+    text = sample(net, tokenizer, "The king", 25, out=printed, temperature=0)
+    ids = tokenizer.encode("The king")
+    with torch.no_grad():  # greedy decoding, recomputed here over the last block_size tokens
+        for _ in range(25):
+            ids.append(int(net(torch.tensor([ids[-cfg.data.block_size:]]))[0][0, -1].argmax()))
+    assert text == tokenizer.decode(ids[len("The king"):]) and printed.getvalue() == f"The king{text}\n"
+
+
+def validation_loss(net: torch.nn.Module, cfg) -> float:
+    """The mean next-token loss of `net` over the validation windows of the run `cfg` describes, computed here
+    from the data module alone."""
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("validate")
+    losses = []
+    with torch.no_grad():
+        for x, y in datamodule.val_dataloader():
+            losses.append(F.cross_entropy(net(x)[0].flatten(0, 1), y.flatten(), reduction="none"))
+    return torch.cat(losses).mean().item()
+
 
 
 @pytest.mark.parametrize("steps", [12, 5])  # validations at step 10 and the end; only the end
@@ -108,7 +131,7 @@ def test_a_run_in_a_used_folder_starts_fresh(tmp_path, corpus):
     """ckpt_path=null means a fresh start, also where the folder holds checkpoints of an earlier run."""
     runs = [column(read_metrics(run(tmp_path, corpus, "trainer.max_steps=12", name="same")[1]), "train/loss")
             for _ in range(2)]
-    assert runs[1][0][0] == 0 and runs[1] == runs[0]
+    assert runs[1][0][0] == 1 and runs[1] == runs[0]
 
 
 class GradientProbe(L.Callback):

@@ -1,0 +1,279 @@
+"""An OpenAI-compatible HTTP API and a web page for one loaded model: `create_app(model)`, run by uvicorn.
+
+Endpoints: GET / (the page), GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions.
+The model is anything with `stream(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop)` yielding text
+pieces, a `tokenizer` with `encode`, and an `info` dict (what `lam.load` returns).
+
+Generation runs on a worker thread, one request at a time (a lock: requests queue, none sees another's state);
+pieces reach the event loop through a queue. A streaming client that disconnects stops its generation at the next
+piece. Bad parameters are answered 4xx in OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from importlib.resources import files
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException
+
+from lam.errors import UserError
+
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def response(self) -> JSONResponse:
+        body = {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
+        return JSONResponse({"error": body}, status_code=self.status)
+
+
+class Sampling(BaseModel):
+    """The sampling parameters both endpoints share. Unknown fields (OpenAI's logprobs, user, ...) are ignored."""
+
+    model_config = ConfigDict(strict=True)
+
+    model: str | None = None
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_k: int | None = Field(None, ge=1)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: str | list[str] | None = None
+    n: Literal[1] = 1
+    stream: bool = False
+    stream_options: dict[str, bool] | None = None
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    role: str = Field(min_length=1)
+    content: str
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+
+
+async def read_request(request: Request, schema: type[Sampling]) -> Sampling:
+    """The JSON body validated against `schema`, whatever its Content-Type says (curl -d sends a form's)."""
+    try:
+        return schema.model_validate_json(await request.body())
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        param = str(first["loc"][0]) if first["loc"] else None
+        raise APIError(400, f"{where}: {first['msg']}" if where else first["msg"], param) from None
+
+
+def chat_prompt(messages: list[Message]) -> str:
+    """The plain template the chat endpoint continues: one "role: content" line per message, then "assistant:".
+    LAM's models are not instruction-tuned; they continue this text as they would any other."""
+    return "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"
+
+
+def stop_strings(stop: str | list[str] | None) -> list[str] | None:
+    strings = [stop] if isinstance(stop, str) else stop
+    if not strings:
+        return None
+    if len(strings) > MAX_STOP_STRINGS or not all(strings):
+        raise APIError(400, f"stop takes at most {MAX_STOP_STRINGS} non-empty strings", "stop")
+    return strings
+
+
+class Server:
+    """The model, its lock and the limits; `pieces` runs one generation on a worker thread."""
+
+    def __init__(self, model, model_id: str, max_prompt_tokens: int, max_tokens: int):
+        self.model, self.model_id = model, model_id
+        self.max_prompt_tokens, self.max_tokens = max_prompt_tokens, max_tokens
+        self.lock = threading.Lock()
+        self.pieces_generated = 0  # over the server's life: lets a test see generation stop
+
+    def check(self, params: Sampling, prompt: str) -> int:
+        """The prompt's token count, after checking the request against the model and the limits."""
+        if params.model is not None and params.model != self.model_id:
+            raise APIError(404, f"the model {params.model!r} does not exist; this server has {self.model_id!r}",
+                           "model", "model_not_found")
+        if params.max_tokens > self.max_tokens:
+            raise APIError(400, f"max_tokens is at most {self.max_tokens} on this server, got {params.max_tokens}",
+                           "max_tokens")
+        try:
+            n = len(self.model.tokenizer.encode(prompt))
+        except UserError as e:
+            raise APIError(400, str(e), "prompt") from None
+        if n == 0:
+            raise APIError(400, "the prompt is empty: give at least one character", "prompt")
+        if n > self.max_prompt_tokens:
+            raise APIError(400, f"the prompt has {n} tokens; this server takes at most {self.max_prompt_tokens}",
+                           "prompt", "context_length_exceeded")
+        return n
+
+    def count(self, text: str) -> int:
+        return len(self.model.tokenizer.encode(text)) if text else 0
+
+    async def pieces(self, prompt: str, params: Sampling) -> AsyncIterator[str]:
+        """The generated text, piece by piece. Closing this iterator (a client gone) stops the worker."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+        end = object()
+        seed = params.seed if params.seed is not None else secrets.randbelow(2**63)
+
+        def put(item) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop is closed: nobody is listening
+                cancelled.set()
+
+        def work() -> None:
+            try:
+                with self.lock:
+                    if cancelled.is_set():
+                        return
+                    for piece in self.model.stream(prompt, max_new_tokens=params.max_tokens,
+                                                   temperature=params.temperature, top_k=params.top_k,
+                                                   top_p=params.top_p, seed=seed, stop=stop_strings(params.stop)):
+                        self.pieces_generated += 1
+                        put(piece)
+                        if cancelled.is_set():
+                            return
+            except Exception as e:  # handed to the request, which answers it
+                put(e)
+            finally:
+                put(end)
+
+        threading.Thread(target=work, name="lam-generation", daemon=True).start()
+        try:
+            while (item := await queue.get()) is not end:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            cancelled.set()
+
+
+def finish_reason(server: Server, params: Sampling, text: str) -> str:
+    """"length" where the completion used its max_tokens, else "stop" (a stop string or the end of text)."""
+    return "length" if server.count(text) >= params.max_tokens else "stop"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def sse(data: Any) -> str:
+    """One server-sent event; plain "\\n" separators, which every JavaScript parser splits on."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def create_app(model, model_id: str = "lam", max_prompt_tokens: int = 4096, max_tokens: int = 2048) -> FastAPI:
+    """The app serving `model` as `model_id`. Prompts longer than `max_prompt_tokens` tokens, or a `max_tokens`
+    above `max_tokens`, are refused with 400."""
+    app = FastAPI(title="LAM", docs_url=None, redoc_url=None)
+    server = Server(model, model_id, max_prompt_tokens, max_tokens)
+    app.state.server = server
+    page = files("lam.serving").joinpath("page.html").read_text(encoding="utf-8")
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        return APIError(e.status_code, str(e.detail), code=str(e.status_code)).response()
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, e: Exception) -> JSONResponse:
+        return APIError(500, f"the server failed: {type(e).__name__}", kind="server_error").response()
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index() -> str:
+        return page
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": model_id, "max_tokens": max_tokens, "max_prompt_tokens": max_prompt_tokens}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "lam",
+                                            **model.info}]}
+
+    async def respond(params: Sampling, prompt: str, kind: str):
+        prompt_tokens = server.check(params, prompt)
+        stop_strings(params.stop)
+        ident, created = f"{kind}-{uuid.uuid4().hex}", int(time.time())
+        chat = kind == "chatcmpl"
+
+        def chunk(text: str | None, reason: str | None) -> dict:
+            if chat:
+                choice = {"index": 0, "delta": {} if text is None else {"role": "assistant", "content": text},
+                          "finish_reason": reason}
+            else:
+                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+            return {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion",
+                    "created": created, "model": model_id, "choices": [choice]}
+
+        if not params.stream:
+            text = "".join([piece async for piece in server.pieces(prompt, params)])
+            reason = finish_reason(server, params, text)
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+                      if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": reason})
+            return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
+                    "model": model_id, "choices": [choice], "usage": usage(prompt_tokens, server.count(text))}
+
+        async def events() -> AsyncIterator[str]:
+            text = ""
+            try:
+                async for piece in server.pieces(prompt, params):
+                    text += piece
+                    yield sse(chunk(piece, None))
+            except Exception as e:  # the status line is sent already: the error goes in the stream
+                message = str(e) if isinstance(e, UserError) else f"the server failed: {type(e).__name__}"
+                yield sse({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
+                return
+            yield sse(chunk(None, finish_reason(server, params, text)))
+            if (params.stream_options or {}).get("include_usage"):
+                yield sse({**chunk(None, None), "choices": [], "usage": usage(prompt_tokens, server.count(text))})
+            yield sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        params = await read_request(request, CompletionRequest)
+        prompts = [params.prompt] if isinstance(params.prompt, str) else params.prompt
+        if len(prompts) != 1:
+            raise APIError(400, "this server takes one prompt per request", "prompt")
+        return await respond(params, prompts[0], "cmpl")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        params = await read_request(request, ChatRequest)
+        return await respond(params, chat_prompt(params.messages), "chatcmpl")
+
+    return app

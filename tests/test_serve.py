@@ -1,0 +1,286 @@
+"""lam.serve: the OpenAI-compatible API (in process and over a live uvicorn server), the official openai client,
+and the page in a real browser (Debian's chromium driven by Playwright)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import uvicorn
+from fastapi.testclient import TestClient
+
+from lam.data.tokenizer import CharTokenizer
+from lam.models import LAM, stream
+from lam.serving.server import chat_prompt, create_app
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+MAX_TOKENS = 2000
+
+
+class TinyModel:
+    """A randomly initialised one-layer LAM with lam.load's interface, until the model file lands."""
+
+    def __init__(self, delay: float = 0.0):
+        torch.manual_seed(0)
+        self.tokenizer = CharTokenizer("\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+        self.net = LAM(self.tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=32, block_size=64).eval()
+        self.info = {"parameters": sum(p.numel() for p in self.net.parameters()), "block_size": 64,
+                     "vocabulary": self.tokenizer.vocab_size}
+        self.delay = delay
+
+    def stream(self, prompt, max_new_tokens=200, temperature=1.0, top_k=None, top_p=1.0, seed=None, stop=None):
+        generator = torch.Generator().manual_seed(seed)
+        idx = torch.tensor([self.tokenizer.encode(prompt)])
+        text, shown = "", 0
+        hold = max(map(len, stop), default=1) - 1 if stop else 0  # a stop string may be starting
+        for token in stream(self.net, idx, max_new_tokens, temperature=temperature, top_k=top_k,
+                            generator=generator):
+            text += self.tokenizer.decode([token.item()])
+            if stop and (found := [text.find(s) for s in stop if s in text]):
+                yield text[shown:min(found)]
+                return
+            time.sleep(self.delay)
+            if len(text) - hold > shown:
+                yield text[shown:len(text) - hold]
+                shown = len(text) - hold
+        if text[shown:]:
+            yield text[shown:]
+
+    def generate(self, prompt, **kwargs):
+        return "".join(self.stream(prompt, **kwargs))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return TinyModel()
+
+
+@pytest.fixture()
+def client(model):
+    return TestClient(create_app(model, model_id="tiny", max_prompt_tokens=50, max_tokens=MAX_TOKENS))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """uvicorn serving `app` on a free loopback port, in a thread."""
+
+    def __init__(self, app):
+        self.app = app
+        self.url = f"http://127.0.0.1:{free_port()}"
+        port = int(self.url.rsplit(":", 1)[1])
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture()
+def live(model):
+    """A live server of the model whose pieces take 5 ms each: long enough to stop one mid-way."""
+    slow = TinyModel(delay=0.005)
+    with LiveServer(create_app(slow, model_id="tiny", max_tokens=MAX_TOKENS)) as server:
+        yield server, slow
+
+
+def events(body: str) -> list:
+    """The data of each server-sent event, checking the framing: `data: ...` blocks, blank-line separated."""
+    assert "\r" not in body and body.endswith("\n\n")
+    blocks = body[:-2].split("\n\n")
+    assert all(b.startswith("data: ") for b in blocks), blocks
+    data = [b.removeprefix("data: ") for b in blocks]
+    assert data[-1] == "[DONE]" and "[DONE]" not in data[:-1]
+    return [json.loads(d) for d in data[:-1]]
+
+
+def test_health_and_models(client, model):
+    assert client.get("/health").json() == {"status": "ok", "model": "tiny", "max_tokens": MAX_TOKENS,
+                                            "max_prompt_tokens": 50}
+    [entry] = client.get("/v1/models").json()["data"]
+    assert entry["id"] == "tiny" and entry["object"] == "model"
+    assert {k: entry[k] for k in model.info} == model.info
+
+
+def test_completion_json_is_the_python_generation_for_the_seed(client, model):
+    body = {"model": "tiny", "prompt": "To be", "max_tokens": 30, "temperature": 0.9, "top_k": 20, "seed": 7}
+    answer = client.post("/v1/completions", json=body).json()
+    [choice] = answer["choices"]
+    assert answer["object"] == "text_completion" and answer["model"] == "tiny"
+    assert choice["text"] == model.generate("To be", max_new_tokens=30, temperature=0.9, top_k=20, seed=7)
+    assert choice["finish_reason"] == "length"
+    assert answer["usage"] == {"prompt_tokens": 5, "completion_tokens": 30, "total_tokens": 35}
+    other_seed = client.post("/v1/completions", json={**body, "seed": 8}).json()["choices"][0]["text"]
+    assert other_seed != choice["text"]
+
+
+def test_stream_parses_ends_with_done_and_joins_to_the_python_generation(client, model):
+    body = {"prompt": "To be", "max_tokens": 25, "temperature": 1.0, "seed": 3, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/completions", json=body) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        chunks = events(response.read().decode())
+    pieces = [c["choices"][0]["text"] for c in chunks if c["choices"]]
+    assert len(pieces) == 25 + 1  # one per token, then the one with finish_reason
+    assert "".join(pieces) == model.generate("To be", max_new_tokens=25, temperature=1.0, seed=3)
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["usage"] == {"prompt_tokens": 5, "completion_tokens": 25, "total_tokens": 30}
+
+
+def test_a_stop_string_ends_the_completion_before_it(client, model):
+    full = model.generate("To be", max_new_tokens=40, temperature=0, seed=0)
+    stop = full[10:12]
+    answer = client.post("/v1/completions", json={"prompt": "To be", "max_tokens": 40, "temperature": 0,
+                                                  "stop": [stop]}).json()
+    assert answer["choices"][0]["text"] == full[:full.find(stop)]
+    assert answer["choices"][0]["finish_reason"] == "stop"
+
+
+def test_chat_continues_the_role_template(client, model):
+    messages = [{"role": "user", "content": "Who goes there?"}]
+    body = {"messages": messages, "max_tokens": 20, "seed": 1, "temperature": 0.8}
+    answer = client.post("/v1/chat/completions", json=body).json()
+    assert chat_prompt_text(messages) == "user: Who goes there?\nassistant:"
+    expected = model.generate(chat_prompt_text(messages), max_new_tokens=20, temperature=0.8, seed=1)
+    assert answer["object"] == "chat.completion"
+    assert answer["choices"][0]["message"] == {"role": "assistant", "content": expected}
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
+        chunks = events(response.read().decode())
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == expected
+
+
+def chat_prompt_text(messages: list[dict]) -> str:
+    from lam.serving.server import Message
+
+    return chat_prompt([Message(**m) for m in messages])
+
+
+@pytest.mark.parametrize("change, param", [
+    ({"temperature": -0.1}, "temperature"),
+    ({"temperature": 2.5}, "temperature"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": 0}, "top_k"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": MAX_TOKENS + 1}, "max_tokens"),
+    ({"max_tokens": "10"}, "max_tokens"),
+    ({"seed": -1}, "seed"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"stop": [""]}, "stop"),
+    ({"stream": "yes"}, "stream"),
+    ({"n": 2}, "n"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "€uro"}, "prompt"),
+    ({"prompt": "a" * 51}, "prompt"),
+    ({"prompt": ["one", "two"]}, "prompt"),
+    ({"prompt": None}, "prompt"),
+    ({"model": "gpt-4"}, "model"),
+])
+def test_each_bad_parameter_is_a_4xx_in_openais_error_shape(client, change, param):
+    response = client.post("/v1/completions", json={"prompt": "To be", "max_tokens": 5, **change})
+    assert 400 <= response.status_code < 500, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param and error["message"] and error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[]", b'{"messages": []}', b'{"messages": [{"role": "user"}]}'])
+def test_a_malformed_body_is_a_400(client, body):
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        response = client.post(path, content=body)
+        assert response.status_code == 400 and response.json()["error"]["message"], response.text
+
+
+def test_an_unknown_path_answers_in_the_error_shape(client):
+    response = client.get("/v1/nothing")
+    assert response.status_code == 404 and response.json()["error"]["code"] == "404"
+
+
+class Overlaps:
+    """Wraps a model and records the most generations that ever ran at once."""
+
+    def __init__(self, model):
+        self.model, self.tokenizer, self.info = model, model.tokenizer, model.info
+        self.running = self.most = 0
+
+    def stream(self, prompt, **kwargs):
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            for piece in self.model.stream(prompt, **kwargs):
+                time.sleep(0.001)  # hands the GIL over, as a bigger model's matmuls would
+                yield piece
+        finally:
+            self.running -= 1
+
+
+def test_concurrent_requests_queue_without_touching_each_others_state(model):
+    watched = Overlaps(model)
+    client = TestClient(create_app(watched, model_id="tiny"))
+    bodies = [{"prompt": p, "max_tokens": 15, "seed": s, "temperature": 1.0} for p in ("To", "Be") for s in (1, 2)]
+    with ThreadPoolExecutor(4) as pool:
+        texts = list(pool.map(lambda b: client.post("/v1/completions", json=b).json()["choices"][0]["text"],
+                              bodies * 2))
+    expected = [model.generate(b["prompt"], max_new_tokens=15, temperature=1.0, seed=b["seed"]) for b in bodies]
+    assert texts == expected * 2
+    assert watched.most == 1
+
+
+def test_a_client_that_disconnects_stops_its_generation(live):
+    server, slow = live
+    counted = server.app.state.server
+    body = {"prompt": "To be", "max_tokens": MAX_TOKENS, "stream": True, "seed": 0}
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        with http.stream("POST", "/v1/completions", json=body) as response:
+            lines = response.iter_lines()
+            received = [line for line, _ in zip(lines, range(10)) if line.startswith("data:")]
+        assert received
+        time.sleep(0.5)
+        stopped_at = counted.pieces_generated
+        time.sleep(0.5)
+        assert counted.pieces_generated == stopped_at < 200  # 5 ms a piece: all 2000 would take 10 s
+        # the lock is free again: the next request is answered
+        answer = http.post("/v1/completions", json={"prompt": "To", "max_tokens": 3}).json()
+        assert len(answer["choices"][0]["text"]) == 3
+
+
+def test_the_openai_client_completes_plain_and_streamed(live):
+    openai = pytest.importorskip("openai", reason="the openai package comes with the dev extra")
+    server, slow = live
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    expected = slow.generate("To be", max_new_tokens=20, temperature=0.7, seed=5)
+    plain = client.completions.create(model="tiny", prompt="To be", max_tokens=20, temperature=0.7, seed=5)
+    assert plain.choices[0].text == expected and plain.usage.completion_tokens == 20
+    streamed = client.completions.create(model="tiny", prompt="To be", max_tokens=20, temperature=0.7, seed=5,
+                                         stream=True)
+    assert "".join(chunk.choices[0].text for chunk in streamed) == expected
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=5, seed=1)
+    assert chat.choices[0].message.content == slow.generate("user: Hi\nassistant:", max_new_tokens=5, seed=1)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model="tiny", prompt="To be", temperature=9)

@@ -18,6 +18,7 @@ from lam.config import config_dir, report_user_errors
 from lam.data.tokenizer import Tokenizer, check_same_tokenizer, load_tokenizer
 from lam.errors import UserError
 from lam.models import stream
+from lam.models.lora import merge_lora_weights
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Tokenizer]:
@@ -27,6 +28,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Mod
     tokenizer = load_tokenizer(lam["tokenizer"])
     net = instantiate(lam["config"]["model"], vocab_size=tokenizer.vocab_size)
     weights = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+    weights = merge_lora_weights(weights)  # a LoRA run's adapters, folded into the model's weights
     try:
         net.load_state_dict(weights)
     except RuntimeError as e:

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from lam.data.corpora import LocalText, read_text
 from lam.data.paths import default_cache_dir
-from lam.data.tokenizer import Tokenizer, load_tokenizer
+from lam.data.tokenizer import CharTokenizer, Tokenizer, load_tokenizer
 from lam.errors import UserError
 
 CACHE_FORMAT = 2  # part of the cache key: bumped when an entry's layout changes, so old entries go unread
@@ -79,6 +79,28 @@ def split_pieces(documents: list[tuple[Path, str]], cut: int,
             else:
                 yield ("train" if seen < cut else "val"), text
             seen += len(text)
+
+
+FALLBACKS = "\ufffd? "  # what errors=replace reads a character outside a given alphabet as: the first it has
+
+
+def replacements(tokenizer: Tokenizer, documents: list[tuple[Path, str]], errors_key: str) -> dict[int, str]:
+    """For a char tokenizer whose alphabet is given (a fine-tuned model's): a str.translate table sending each
+    character of the documents that the alphabet lacks to a fallback it has, where the documents are read with
+    errors="replace"; a UserError naming those characters where they are read strictly. Empty otherwise."""
+    if not isinstance(tokenizer, CharTokenizer) or tokenizer.needs_training:
+        return {}
+    missing: dict[str, str] = {}  # character -> the errors setting of the first document that has it
+    for path, errors in documents:
+        for text in read_text(path, errors):
+            for c in set(text).difference(tokenizer.stoi):
+                missing.setdefault(c, errors)
+    fallback = next((c for c in FALLBACKS if c in tokenizer.stoi), tokenizer.chars[0])
+    if strict := sorted(c for c, errors in missing.items() if errors != "replace"):
+        shown = " ".join(map(repr, strict[:20])) + (f" and {len(strict) - 20} more" if len(strict) > 20 else "")
+        raise UserError(f"the text has {len(strict)} characters outside the tokenizer's alphabet of "
+                        f"{tokenizer.vocab_size}: {shown}; {errors_key}=replace reads each as {fallback!r}")
+    return {ord(c): fallback for c in missing}
 
 
 @rank_zero_only
@@ -161,6 +183,8 @@ class TextDataModule(L.LightningDataModule):
         key = {"format": CACHE_FORMAT, "corpus": self.source.fingerprint(),
                "tokenizer": self.tokenizer.state_dict(),
                "val": self.val_source.fingerprint() if self.val_source else self.val_fraction}
+        if self.source.errors != "strict":  # replaced bytes or characters make other ids than an error would
+            key["errors"] = self.source.errors
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
         return self.cache_root / digest
 
@@ -192,6 +216,8 @@ class TextDataModule(L.LightningDataModule):
                 train = takewhile(lambda split_piece: split_piece[0] == "train", split_pieces(documents, cut))
                 text, total = (piece for _, piece in train), cut
             tokenizer.train(track(text, "reading for the tokenizer", total))
+        table = replacements(tokenizer, documents,
+                             "data.errors" if isinstance(self.source, LocalText) else "data.source.errors")
         joiner = tokenizer.eot_id if tokenizer.eot_id is not None else DOCUMENT_BREAK
         dtype = token_dtype(tokenizer.vocab_size)
 
@@ -202,7 +228,7 @@ class TextDataModule(L.LightningDataModule):
             with open(tmp / "train.bin", "wb") as train_bin, open(tmp / "val.bin", "wb") as val_bin:
                 out = {"train": train_bin, "val": val_bin}
                 for split, piece in track(split_pieces(documents, cut, joiner), "encoding", characters):
-                    ids = [piece] if isinstance(piece, int) else tokenizer.encode(piece)
+                    ids = [piece] if isinstance(piece, int) else tokenizer.encode(piece.translate(table))
                     out[split].write(np.asarray(ids, dtype=dtype).tobytes())
                     tokens[split] += len(ids)
             tokenizer.save(tmp / "tokenizer.json")

@@ -1,0 +1,93 @@
+"""Fine-tuning: a start from a trained model (init_from=) and LoRA adapters (lora=).
+
+A start takes three things from its file: the model's architecture (its config, which overrides the run's),
+its tokenizer (the run's data is encoded with it, so that ids keep their meaning) and its weights; the run then
+trains from step 0 with a new optimizer and schedule. The file is a checkpoint of lam.train; a LoRA run's
+adapters are folded into the weights on reading, so any run can be the start of another.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lam.data.tokenizer import Tokenizer, load_tokenizer
+from lam.errors import UserError
+from lam.models.lora import add_lora, merge_lora_weights
+from lam.training.checkpoint import read_checkpoint
+from lam.training.runs import flatten
+
+
+@dataclass
+class Start:
+    """What a fine-tune starts from: `model` is the model's config as the file has it (resolved), `weights` the
+    state dict of that model, without adapters."""
+
+    path: Path
+    model: dict
+    tokenizer: Tokenizer
+    weights: dict[str, torch.Tensor]
+
+    def load_into(self, net: nn.Module) -> None:
+        """Copy the file's weights into `net`, a model built from `self.model`."""
+        net.load_state_dict(self.weights)
+
+
+def read_start(path: str | Path) -> Start:
+    """The model, tokenizer and weights of a checkpoint of lam.train; a UserError if it is not one."""
+    checkpoint = read_checkpoint(path)
+    lam = checkpoint["lam"]
+    weights = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+    return Start(Path(path), lam["config"]["model"], load_tokenizer(lam["tokenizer"]), merge_lora_weights(weights))
+
+
+def override_keys(overrides: list[str]) -> list[tuple[str, str]]:
+    """(override, key under model) for each command-line override that sets the model: `model=...` is the
+    whole model (""), `model.n_layer=2` its n_layer, `attention=...` or `attention.x=...` its attention."""
+    found = []
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key == "model":
+            found.append((override, ""))
+        elif key.startswith("model."):
+            found.append((override, key.removeprefix("model.")))
+        elif key == "attention" or key.startswith("attention."):
+            found.append((override, key))
+    return found
+
+
+def check_architecture(start: Start, model: dict, overrides: list[str]) -> None:
+    """A UserError if an override asks for a model other than the file's: the architecture comes from it.
+    `model` is the run's resolved model config; its block_size follows the data unless set, so a whole-model
+    override is not held to it."""
+    ours, theirs = flatten(model), flatten(start.model)
+    differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    for override, prefix in override_keys(overrides):
+        for key in differ:
+            if (not prefix and key != "block_size") or key == prefix or key.startswith(f"{prefix}."):
+                raise UserError(f"{override} is refused: init_from={start.path} fixes the architecture "
+                                f"(model.{key} is {theirs.get(key)!r} there); drop the override")
+
+
+def check_context(start: Start, net: nn.Module, block_size: int) -> None:
+    """A UserError if the data's windows are longer than the model's learned positions reach."""
+    if net.max_context is not None and block_size > net.max_context:
+        raise UserError(f"data.block_size={block_size} is longer than the {net.max_context} positions the model "
+                        f"of init_from={start.path} has learned; use data.block_size<={net.max_context}")
+
+
+def adapt(net: nn.Module, lora: dict) -> list[str]:
+    """Freeze `net` and put LoRA adapters on it as the lora group says; the adapted layers' names."""
+    try:
+        return add_lora(net, **lora)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def parameter_counts(net: nn.Module) -> dict[str, int]:
+    """All parameters of `net` (a tied weight once) and those that train."""
+    return {"params": sum(p.numel() for p in net.parameters()),
+            "trainable_params": sum(p.numel() for p in net.parameters() if p.requires_grad)}

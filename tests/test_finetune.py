@@ -1,0 +1,93 @@
+"""Fine-tuning end to end: init_from= starts from a checkpoint's weights, tokenizer and architecture; lora=
+trains adapters only; the result loads as a plain LAM."""
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from helpers import TINY, TINY_RUN, compose_train
+from lam.errors import UserError
+from lam.generate import load_checkpoint
+from lam.models import LAM
+from lam.train import train
+from lam.training.finetune import read_start
+
+pytestmark = pytest.mark.slow
+
+FINE_TUNE = [*TINY_RUN, "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.precision=32-true"]
+
+
+def run(out, corpus, *overrides, base=TINY):
+    cfg = compose_train([*base, "data=custom", f"data.path={corpus}", "trainer.precision=32-true", *overrides],
+                        out)
+    train(cfg)
+    return out / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, corpus):
+    """A tiny model trained for 10 steps: the model the tests fine-tune."""
+    return run(tmp_path_factory.mktemp("base"), corpus, "trainer.max_steps=10")
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    checkpoint = torch.load(path, weights_only=False)
+    return {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items()}
+
+
+def test_init_from_loads_exactly_the_files_weights(base):
+    start = read_start(base)
+    net = instantiate(start.model, vocab_size=start.tokenizer.vocab_size)
+    start.load_into(net)
+    assert net.state_dict().keys() == weights(base).keys()
+    for name, tensor in net.state_dict().items():
+        assert torch.equal(tensor, weights(base)[name]), name
+
+
+def test_fine_tune_trains_from_step_0_with_the_files_model_and_tokenizer(base, corpus, tmp_path):
+    other = tmp_path / "other.txt"  # new text, without the capitals: its own alphabet would be smaller
+    other.write_text(corpus.read_text()[::-1].lower())
+    # the run's own model config (4 layers of 128) gives way to the file's (1 layer of 32)
+    tuned = run(tmp_path / "tuned", other, f"init_from={base}", base=FINE_TUNE)
+    checkpoint = torch.load(tuned, weights_only=False)
+    assert checkpoint["global_step"] == 3  # a fresh start, not the base's step 10 + 3
+    assert checkpoint["lam"]["config"]["model"] == torch.load(base, weights_only=False)["lam"]["config"]["model"]
+    assert checkpoint["lam"]["tokenizer"] == torch.load(base, weights_only=False)["lam"]["tokenizer"]
+    before, after = weights(base), weights(tuned)
+    assert after.keys() == before.keys()
+    # 3 small steps away from the file's weights (a fresh init would be ~0.1 away), and each matrix moved
+    assert all((after[k] - before[k]).abs().max() < 0.02 for k in before)
+    assert all(not torch.equal(after[k], before[k]) for k in before if k.endswith(("qkv.weight", "fc.weight")))
+
+
+def test_lora_fine_tune_trains_only_adapters_and_loads_as_a_plain_lam(base, corpus, tmp_path):
+    tuned = run(tmp_path / "lora", corpus, f"init_from={base}", "lora=default", "lora.r=2", base=FINE_TUNE)
+    before, after = weights(base), weights(tuned)
+    adapters = {k for k in after if ".lora_" in k}
+    assert adapters and after.keys() - adapters == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)  # the base weights stayed where they were
+    assert any(not torch.equal(after[k], torch.zeros_like(after[k])) for k in adapters if k.endswith("lora_B"))
+
+    net, _ = load_checkpoint(tuned)  # adapters merged: the plain model's weights, and they differ from the base
+    assert type(net) is LAM and net.state_dict().keys() == before.keys()
+    assert not torch.equal(net.state_dict()["blocks.0.attn.qkv.weight"], before["blocks.0.attn.qkv.weight"])
+
+
+def test_new_characters_are_one_clear_error_and_errors_replace_reads_them(base, tmp_path):
+    text = tmp_path / "new.txt"
+    text.write_text("The king speaks: zest!\n" * 200)
+    with pytest.raises(UserError, match=r"3 characters outside the tokenizer's alphabet of \d+: '!' ':' 'z'; "
+                                        r"data.errors=replace reads each as ' '"):
+        run(tmp_path / "strict", text, f"init_from={base}", base=FINE_TUNE)
+    assert weights(run(tmp_path / "replace", text, f"init_from={base}", "data.errors=replace", base=FINE_TUNE))
+
+
+@pytest.mark.parametrize("override", ["model.n_layer=2", "attention=softmax", "model=bigram"])
+def test_another_architecture_is_refused(base, corpus, tmp_path, override):
+    with pytest.raises(UserError, match=f"{override} is refused: init_from=.* fixes the architecture"):
+        run(tmp_path / "refused", corpus, f"init_from={base}", override, base=FINE_TUNE)
+
+
+def test_resuming_and_fine_tuning_at_once_is_refused(base, corpus, tmp_path):
+    with pytest.raises(UserError, match="give one of them"):
+        run(tmp_path / "both", corpus, f"init_from={base}", f"ckpt_path={base}", base=FINE_TUNE)

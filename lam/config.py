@@ -18,7 +18,6 @@ from lam.training.precision import cpu_precision
 from lam.training.runs import flatten, model_groups
 
 
-
 def run_labels(root: DictConfig) -> list[str]:
     """The choices that say what a run trained on what: the model's, the groups its config takes (a bigram
     takes no attention), the data's; e.g. ["lam", "linear", "shakespeare"]."""

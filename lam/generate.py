@@ -10,7 +10,6 @@ from pathlib import Path
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from lam.training.checkpoint import read_checkpoint
@@ -19,6 +18,7 @@ from lam.data.tokenizer import Tokenizer, check_same_tokenizer, load_tokenizer
 from lam.errors import UserError
 from lam.models import stream
 from lam.models.lora import merge_lora_weights
+from lam.serving.build import build
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Tokenizer]:
@@ -26,7 +26,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Mod
     checkpoint = read_checkpoint(path, device)
     lam = checkpoint["lam"]
     tokenizer = load_tokenizer(lam["tokenizer"])
-    net = instantiate(lam["config"]["model"], vocab_size=tokenizer.vocab_size)
+    net = build(lam["config"]["model"], str(path), vocab_size=tokenizer.vocab_size)
     weights = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
     weights = merge_lora_weights(weights)  # a LoRA run's adapters, folded into the model's weights
     try:

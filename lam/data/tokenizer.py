@@ -7,7 +7,6 @@ then saved as a JSON-serialisable state dict with every run and checkpoint; `loa
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
@@ -42,8 +41,7 @@ class Tokenizer(ABC):
         """The constructor arguments plus whatever training learned: enough to rebuild an equal tokenizer."""
 
     def state_dict(self) -> dict:
-        cls = type(self)
-        return {"class": f"{cls.__module__}.{cls.__qualname__}", **self.config()}
+        return {"class": class_name(type(self)), **self.config()}
 
     def fingerprint(self) -> str:
         """A short hash of the tokenizer's identity: class, settings and trained vocabulary."""
@@ -59,9 +57,27 @@ def load_tokenizer(state: dict | str | Path) -> Tokenizer:
     if not isinstance(state, dict):
         state = json.loads(Path(state).read_text(encoding="utf-8"))
     state = dict(state)
-    module, _, name = state.pop("class").rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    return cls(**state)
+    name = state.pop("class", None)
+    classes = tokenizer_classes()
+    if name not in classes:
+        raise UserError(f"tokenizer class {name!r} is not one of LAM's ({', '.join(sorted(classes))})")
+    try:
+        return classes[name](**state)
+    except TypeError as e:  # arguments the class does not take
+        raise UserError(f"a saved {name.rpartition('.')[2]} does not fit LAM's: {e}") from None
+
+
+def class_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def tokenizer_classes() -> dict[str, type[Tokenizer]]:
+    """LAM's tokenizers by the name their state dicts carry: the only classes `load_tokenizer` builds (no
+    class is imported by a name read from a file)."""
+    from lam.data.bpe import BPETokenizer  # they import this module
+    from lam.data.tiktoken_named import TiktokenTokenizer
+
+    return {class_name(cls): cls for cls in (CharTokenizer, BPETokenizer, TiktokenTokenizer)}
 
 
 def check_same_tokenizer(path: str | Path, expected: Tokenizer, owner: str) -> Tokenizer:
@@ -72,7 +88,7 @@ def check_same_tokenizer(path: str | Path, expected: Tokenizer, owner: str) -> T
         raise UserError(f"tokenizer {path} does not exist")
     try:
         given = load_tokenizer(path)
-    except (ValueError, KeyError, TypeError, ImportError, AttributeError) as e:
+    except (ValueError, KeyError, TypeError, UserError) as e:
         raise UserError(f"{path} is not a tokenizer saved by LAM ({type(e).__name__}: {e})") from None
     if given.fingerprint() != expected.fingerprint():
         raise UserError(f"tokenizer {path} ({describe(given)}) differs from the one {owner} was trained with "

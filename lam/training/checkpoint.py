@@ -2,25 +2,35 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
 
 from lam.errors import UserError
+from lam.serving.build import check_targets
 
 
 def read_checkpoint(path: str | Path, device: str = "cpu") -> dict:
-    """The checkpoint's contents; a UserError if the file is missing, unreadable or not written by lam.train."""
+    """The checkpoint's contents; a UserError if the file is missing, unreadable, not written by lam.train, or
+    holds anything but tensors and plain values (weights_only: unpickling it runs no code) or a model config
+    naming a class that is not LAM's."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:  # memory-mapped: tensors are read when used, so a check that reads shapes only reads little
-        checkpoint = torch.load(path, map_location=device, weights_only=False, mmap=True)
+        checkpoint = torch.load(path, map_location=device, weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:  # weights_only refused an object: its message names the global
+        refused = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line), "an object")
+        raise UserError(f"{path} holds more than tensors and plain values ({refused}); it is not loaded, since "
+                        "unpickling it could run code") from None
     except Exception as e:  # torch.load raises many kinds for a file that is not a checkpoint
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {first})") from None
     lam = checkpoint.get("lam") if isinstance(checkpoint, dict) else None
-    if not lam or "tokenizer" not in lam or "model" not in lam.get("config", {}):
+    if not isinstance(lam, dict) or "tokenizer" not in lam or "model" not in lam.get("config", {}):
         raise UserError(f"{path} is not a LAM checkpoint (it holds no model config and tokenizer)")
+    check_targets(lam["config"]["model"], str(path))
     return checkpoint
 
 

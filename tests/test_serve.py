@@ -4,22 +4,23 @@ and the page in a real browser (Debian's chromium driven by Playwright)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-import uvicorn
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from lam.data.tokenizer import CharTokenizer
+from lam.errors import UserError
 from lam.models import LAM, stream
-from lam.serving.server import chat_prompt, create_app
+from lam.serving.server import Message, chat_prompt, create_app, running
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -71,41 +72,19 @@ def client(model):
     return TestClient(create_app(model, model_id="tiny", max_prompt_tokens=50, max_tokens=MAX_TOKENS))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    """uvicorn serving `app` on a free loopback port, in a thread."""
-
-    def __init__(self, app):
-        self.app = app
-        self.url = f"http://127.0.0.1:{free_port()}"
-        port = int(self.url.rsplit(":", 1)[1])
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+@dataclass
+class Live:
+    url: str
+    app: FastAPI
 
 
 @pytest.fixture()
 def live(model):
     """A live server of the model whose pieces take 5 ms each: long enough to stop one mid-way."""
     slow = TinyModel(delay=0.005)
-    with LiveServer(create_app(slow, model_id="tiny", max_tokens=MAX_TOKENS)) as server:
-        yield server, slow
+    app = create_app(slow, model_id="tiny", max_tokens=MAX_TOKENS)
+    with running(app) as url:
+        yield Live(url, app), slow
 
 
 def events(body: str) -> list:
@@ -174,8 +153,6 @@ def test_chat_continues_the_role_template(client, model):
 
 
 def chat_prompt_text(messages: list[dict]) -> str:
-    from lam.serving.server import Message
-
     return chat_prompt([Message(**m) for m in messages])
 
 
@@ -284,3 +261,118 @@ def test_the_openai_client_completes_plain_and_streamed(live):
     assert chat.choices[0].message.content == slow.generate("user: Hi\nassistant:", max_new_tokens=5, seed=1)
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model="tiny", prompt="To be", temperature=9)
+
+
+BROWSER_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture()
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no chromium at {CHROMIUM}: install Debian's package (apt-get install chromium; .ci/run does)")
+    sync_playwright = pytest.importorskip("playwright.sync_api", reason="playwright comes with the dev extra")
+    with sync_playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        yield browser
+        browser.close()
+
+
+def set_slider(page, id: str, value) -> None:
+    page.eval_on_selector(f"#{id}", "(el, v) => { el.value = v; el.dispatchEvent(new Event('input')); }",
+                          str(value))
+
+
+def test_the_page_streams_stops_and_matches_the_api_greedy(live, browser, tmp_path):
+    server, slow = live
+    counted = server.app.state.server
+    page = browser.new_page(viewport={"width": 1000, "height": 800})
+    page.goto(server.url)
+    page.wait_for_function("document.getElementById('title').textContent.includes('tiny')")
+    assert "vocabulary" in page.text_content("#info-table")
+
+    # typing a prompt streams text in; Stop ends it, and the server stops generating
+    page.fill("#prompt-text", "To be")
+    set_slider(page, "max-tokens", MAX_TOKENS)
+    page.click("#generate-button")
+    page.wait_for_function("document.getElementById('generated').textContent.length >= 20")
+    page.wait_for_function("document.getElementById('status').textContent.includes('tokens/s')")
+    page.screenshot(path=tmp_path / "streaming.png")
+    page.click("#stop-button")
+    page.wait_for_function("document.getElementById('status').textContent.includes('stopped')")
+    time.sleep(0.3)
+    stopped_at = counted.pieces_generated
+    shown = page.inner_text("#generated")
+    assert 20 <= len(shown) < MAX_TOKENS
+    time.sleep(0.3)
+    assert counted.pieces_generated == stopped_at
+    assert page.inner_text("#given") == "To be" and page.is_enabled("#continue-button")
+
+    # greedy: the page shows what the API returns
+    set_slider(page, "temperature", 0)
+    set_slider(page, "max-tokens", 60)
+    page.click("#generate-button")
+    page.wait_for_function("document.getElementById('status').textContent.includes('done')")
+    api = httpx.post(f"{server.url}/v1/completions", json={"prompt": "To be", "max_tokens": 60, "temperature": 0})
+    assert page.text_content("#generated") == api.json()["choices"][0]["text"]
+    assert "done (length)" in page.inner_text("#status")
+
+    # Continue: the whole text so far becomes the prompt
+    before = page.text_content("#given") + page.text_content("#generated")
+    page.click("#continue-button")
+    page.wait_for_function("document.getElementById('status').textContent.includes('done')")
+    assert page.text_content("#given") == before
+    continued = httpx.post(f"{server.url}/v1/completions", json={"prompt": before, "max_tokens": 60,
+                                                                "temperature": 0})
+    assert page.text_content("#generated") == continued.json()["choices"][0]["text"]
+    page.screenshot(path=tmp_path / "greedy.png", full_page=True)
+
+    # a bad request shows the API's message
+    page.fill("#prompt-text", "€")
+    page.click("#generate-button")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('error')")
+    assert "vocabulary" in page.inner_text("#status")
+
+
+def test_a_phone_sized_viewport_shows_every_control(live, browser, tmp_path):
+    server, slow = live
+    page = browser.new_page(viewport={"width": 375, "height": 740}, device_scale_factor=2, is_mobile=True,
+                            has_touch=True)
+    page.goto(server.url)
+    page.wait_for_function("document.getElementById('title').textContent.includes('tiny')")
+    page.fill("#prompt-text", "To be")
+    set_slider(page, "max-tokens", 120)
+    page.click("#generate-button")
+    page.wait_for_function("document.getElementById('status').textContent.includes('done')")
+    width = page.evaluate("document.documentElement.clientWidth")
+    assert page.evaluate("document.documentElement.scrollWidth") <= width  # nothing runs off to the side
+    for id in ["prompt-text", "generate-button", "stop-button", "continue-button", "temperature", "top-k", "top-p",
+               "max-tokens", "seed", "output", "status"]:
+        box = page.locator(f"#{id}").bounding_box()
+        assert box and box["width"] > 0 and box["x"] >= 0 and box["x"] + box["width"] <= width, id
+    page.screenshot(path=tmp_path / "phone.png", full_page=True)
+    if os.environ.get("LAM_SERVE_SCREENSHOT"):  # LAM_SERVE_SCREENSHOT=1 refreshes the README's picture
+        shutil.copy(tmp_path / "phone.png", DOCS / "serve.png")
+
+
+@pytest.mark.parametrize("args, says", [
+    ([], "model= is required"),
+    (["model=m.lam", "port=70000"], "port takes an integer from 0 to 65535"),
+    (["model=m.lam", "port=http"], "port takes an integer"),
+    (["model=m.lam", "max_tokens=0"], "max_tokens takes an integer from 1"),
+    (["model=m.lam", "tokens=5"], "Key 'tokens' is not in struct"),
+    (["m.lam"], "arguments are key=value"),
+])
+def test_serve_refuses_bad_arguments_in_one_line(args, says):
+    from lam.serve import read_config
+
+    with pytest.raises(UserError, match=says):
+        read_config(args)
+
+
+@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("localhost", True), ("::1", True),
+                                            ("0.0.0.0", False), ("192.168.1.5", False), ("example.org", False)])
+def test_only_loopback_hosts_serve_without_a_warning(host, loopback):
+    from lam.serve import is_loopback
+
+    assert is_loopback(host) is loopback

@@ -1,0 +1,77 @@
+"""python -m lam.serve model=shakespeare.lam [host=127.0.0.1] [port=8000] [key=value ...]
+
+Serves a model file (lam.export writes one) with uvicorn: a web page at http://host:port/ and an OpenAI-compatible
+API under /v1 (completions, chat completions, models; streaming as server-sent events). The models are not
+instruction-tuned: the chat endpoint continues a plain "role: content" transcript.
+
+The keys and their defaults are conf/serve.yaml's. They are read with OmegaConf, not Hydra: `model` is also
+Hydra's config group of architectures, so Hydra would take model=FILE for a group choice.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+from pathlib import Path
+
+import uvicorn
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, GrammarParseError
+
+import lam
+from lam.config import config_dir, report_user_errors
+from lam.errors import UserError
+from lam.serving.server import create_app
+
+BOUNDS = {"port": (0, 65535), "max_tokens": (1, 10**9), "max_prompt_tokens": (1, 10**9)}
+
+
+def read_config(args: list[str]) -> DictConfig:
+    """conf/serve.yaml with `key=value` arguments over it; an unknown key or a value out of range is a UserError."""
+    cfg = OmegaConf.load(config_dir() / "serve.yaml")
+    OmegaConf.set_struct(cfg, True)
+    if bad := [a for a in args if "=" not in a]:
+        raise UserError(f"arguments are key=value, not {bad[0]!r} (keys: {', '.join(cfg)}; see --help)")
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(args))
+    except (ConfigKeyError, GrammarParseError) as e:
+        raise UserError(f"{str(e).splitlines()[0]} (keys: {', '.join(cfg)})") from None
+    if missing := OmegaConf.missing_keys(cfg):
+        raise UserError(f"{sorted(missing)[0]}= is required: the model file to serve, e.g. model=shakespeare.lam")
+    for key, (low, high) in BOUNDS.items():
+        if type(cfg[key]) is not int or not low <= cfg[key] <= high:
+            raise UserError(f"{key} takes an integer from {low} to {high}, got {cfg[key]!r}")
+    return cfg
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+@report_user_errors
+def main(args: list[str] | None = None) -> None:
+    args = sys.argv[1:] if args is None else args
+    if {"-h", "--help"} & set(args):
+        print(__doc__.strip(), "\n\nKeys (key=value), from conf/serve.yaml:\n")
+        print((config_dir() / "serve.yaml").read_text(encoding="utf-8"))
+        return
+    cfg = read_config(args)
+    model = lam.load(cfg.model)
+    model_id = cfg.model_id or Path(cfg.model).stem
+    app = create_app(model, model_id, max_prompt_tokens=cfg.max_prompt_tokens, max_tokens=cfg.max_tokens)
+    if not is_loopback(cfg.host):
+        print(f"warning: host={cfg.host} serves the model to anyone who can reach this machine on port {cfg.port}; "
+              "there is no authentication", file=sys.stderr)
+    shown = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    print(f"serving {model_id} at http://{shown}:{cfg.port}/ (the page) and http://{shown}:{cfg.port}/v1 (the API)",
+          flush=True)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+
+
+if __name__ == "__main__":
+    main()

@@ -7,15 +7,16 @@ without it every step recomputes the whole context. Both give the same tokens. M
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, vocab) logits -> (B, 1) token ids. temperature 0 picks the most likely token."""
+    """(B, vocab) logits -> (B, 1) token ids. temperature 0 picks the most likely token; top_k keeps the k most
+    likely tokens, top_p (nucleus sampling, Holtzman et al. 2019) the fewest whose probabilities reach p."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature
@@ -23,12 +24,16 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits.float(), dim=-1)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # the mass before a token reached p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
     return torch.multinomial(probs, 1, generator=generator)
 
 
 @torch.no_grad()
 def stream(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-           top_k: int | None = None, use_cache: bool = True,
+           top_k: int | None = None, top_p: float = 1.0, use_cache: bool = True,
            generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
     """Yield (B, 1) new token ids one step at a time, continuing the (B, T) prompt `idx`."""
     limit = getattr(model, "max_context", None)
@@ -38,7 +43,7 @@ def stream(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature
             logits, state = model(seq[:, -1:], state)
         else:
             logits, state = model(seq if limit is None else seq[:, -limit:])
-        nxt = sample_next(logits[:, -1], temperature, top_k, generator)
+        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
         seq = torch.cat((seq, nxt), dim=1)
         yield nxt
 
@@ -46,3 +51,27 @@ def stream(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature
 def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
     """The prompt followed by `max_new_tokens` sampled ids, (B, T + max_new_tokens)."""
     return torch.cat([idx, *stream(model, idx, max_new_tokens, **kwargs)], dim=1)
+
+
+def stream_text(tokens: Iterator[int], decode: Callable[[list[int]], str],
+                stop: Sequence[str] = ()) -> Iterator[str]:
+    """The text of a stream of token ids, in pieces as it grows, ending before the first stop string. A piece
+    holds back a multi-byte character still incomplete and any tail that could begin a stop string."""
+    stop = [s for s in stop if s]
+    ids: list[int] = []
+    shown = 0
+    for token in tokens:
+        ids.append(token)
+        text = decode(ids).rstrip("\ufffd")
+        ends = [i for i in (text.find(s, max(0, shown - len(s) + 1)) for s in stop) if i >= 0]
+        if ends:
+            if min(ends) > shown:
+                yield text[shown:min(ends)]
+            return
+        held = max((n for s in stop for n in range(len(s) - 1, 0, -1) if text.endswith(s[:n])), default=0)
+        if len(text) - held > shown:
+            yield text[shown:len(text) - held]
+            shown = len(text) - held
+    text = decode(ids)
+    if len(text) > shown:
+        yield text[shown:]

@@ -1,0 +1,118 @@
+"""A trained model ready to use: `lam.load(path)` returns a `Model` (no Lightning, no Hydra).
+
+    m = lam.load("shakespeare.lam")
+    m.generate("ROMEO:", max_new_tokens=200, temperature=0.8, top_k=50, seed=1)
+    for piece in m.stream("JULIET:"): print(piece, end="")
+    m.perplexity(open("sonnets.txt").read())
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lam.data.tokenizer import Tokenizer, describe
+from lam.errors import UserError
+from lam.models.sampling import stream as stream_tokens
+from lam.models.sampling import stream_text
+from lam.serving import model_file
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float,
+                   allow_zero_tokens: bool = True) -> None:
+    """A UserError naming the first sampling parameter out of its range."""
+    least = 0 if allow_zero_tokens else 1
+    if not isinstance(max_new_tokens, int) or max_new_tokens < least:
+        raise UserError(f"max_new_tokens must be an integer >= {least}, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise UserError(f"temperature must be >= 0 (0: greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise UserError(f"top_k must be an integer >= 1, or null for all tokens, got {top_k!r}")
+    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1] (1: all tokens), got {top_p!r}")
+
+
+def stop_list(stop: str | Sequence[str] | None) -> list[str]:
+    return [stop] if isinstance(stop, str) else list(stop or [])
+
+
+class Model:
+    """A network and its tokenizer. `net` is the plain PyTorch model (`net(idx, state) -> (logits, state)`),
+    `tokenizer` its tokenizer, `config` the model config, `record` the training record of its file."""
+
+    def __init__(self, net: nn.Module, tokenizer: Tokenizer, config: dict, record: dict | None = None):
+        self.net, self.tokenizer, self.config, self.record = net.eval(), tokenizer, config, record or {}
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> Model:
+        f = model_file.read(path, device)
+        return cls(f.net, f.tokenizer, f.config, f.record)
+
+    def save(self, path: str | Path) -> Path:
+        return model_file.save(path, self.net, self.tokenizer, self.config, self.record)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    @property
+    def info(self) -> dict:
+        """What /v1/models tells about the model."""
+        attention = self.config.get("attention", {}).get("_target_", "") if isinstance(
+            self.config.get("attention"), dict) else ""
+        return {"parameters": sum(p.numel() for p in self.net.parameters()),
+                "attention": attention.rpartition(".")[2] or None,
+                "pos": self.config.get("pos"),
+                "block_size": getattr(self.net, "block_size", None),
+                "vocab_size": self.tokenizer.vocab_size, "tokenizer": describe(self.tokenizer),
+                "record": self.record}
+
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        ids = self.tokenizer.encode(prompt)
+        if not ids:
+            raise UserError("the prompt is empty: give at least one character, e.g. '\\n'")
+        return torch.tensor([ids], dtype=torch.long, device=self.device)
+
+    def stream(self, prompt: str, max_new_tokens: int = 200, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float = 1.0, seed: int | None = None, stop: str | Sequence[str] | None = None
+               ) -> Iterator[str]:
+        """The continuation of `prompt`, in text pieces as they are sampled, ending before a stop string."""
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
+        idx = self.encode_prompt(prompt)
+        generator = torch.Generator(self.device)
+        generator.manual_seed(seed) if seed is not None else generator.seed()
+        tokens = (t.item() for t in stream_tokens(self.net, idx, max_new_tokens, temperature=temperature,
+                                                  top_k=top_k, top_p=top_p, generator=generator))
+        yield from stream_text(tokens, self.tokenizer.decode, stop_list(stop))
+
+    def generate(self, prompt: str, max_new_tokens: int = 200, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float = 1.0, seed: int | None = None, stop: str | Sequence[str] | None = None) -> str:
+        """The continuation of `prompt` (without the prompt)."""
+        return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop))
+
+    @torch.no_grad()
+    def perplexity(self, text: str) -> float:
+        """exp of the mean next-token loss over `text`, read in consecutive windows of block_size tokens (each
+        window from a fresh context, as validation reads its windows)."""
+        ids = self.tokenizer.encode(text)
+        if len(ids) < 2:
+            raise UserError("perplexity needs a text of at least two tokens")
+        window = getattr(self.net, "block_size", None) or len(ids)
+        tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
+        total, count = 0.0, 0
+        for start in range(0, len(ids) - 1, window):
+            piece = tokens[start:start + window + 1]
+            logits = self.net(piece[None, :-1])[0][0]
+            total += F.cross_entropy(logits.float(), piece[1:], reduction="sum").item()
+            count += len(piece) - 1
+        return math.exp(total / count)
+
+
+def load(path: str | Path, device: str = "cpu") -> Model:
+    """The model in the file at `path` (written by `python -m lam.export`)."""
+    return Model.load(path, device)

@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,9 +20,11 @@ import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+import lam
 from lam.data.tokenizer import CharTokenizer
 from lam.errors import UserError
-from lam.models import LAM, stream
+from lam.models import LAM
+from lam.serving import Model
 from lam.serving.server import Message, chat_prompt, create_app, running
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,42 +34,46 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 MAX_TOKENS = 2000
 
 
-class TinyModel:
-    """A randomly initialised one-layer LAM with lam.load's interface, until the model file lands."""
-
-    def __init__(self, delay: float = 0.0):
-        torch.manual_seed(0)
-        self.tokenizer = CharTokenizer("\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
-        self.net = LAM(self.tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=32, block_size=64).eval()
-        self.info = {"parameters": sum(p.numel() for p in self.net.parameters()), "block_size": 64,
-                     "vocabulary": self.tokenizer.vocab_size}
-        self.delay = delay
-
-    def stream(self, prompt, max_new_tokens=200, temperature=1.0, top_k=None, top_p=1.0, seed=None, stop=None):
-        generator = torch.Generator().manual_seed(seed)
-        idx = torch.tensor([self.tokenizer.encode(prompt)])
-        text, shown = "", 0
-        hold = max(map(len, stop), default=1) - 1 if stop else 0  # a stop string may be starting
-        for token in stream(self.net, idx, max_new_tokens, temperature=temperature, top_k=top_k,
-                            generator=generator):
-            text += self.tokenizer.decode([token.item()])
-            if stop and (found := [text.find(s) for s in stop if s in text]):
-                yield text[shown:min(found)]
-                return
-            time.sleep(self.delay)
-            if len(text) - hold > shown:
-                yield text[shown:len(text) - hold]
-                shown = len(text) - hold
-        if text[shown:]:
-            yield text[shown:]
-
-    def generate(self, prompt, **kwargs):
-        return "".join(self.stream(prompt, **kwargs))
+ALPHABET = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+CONFIG = {"_target_": "lam.models.LAM", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 64,
+          "attention": {"_target_": "lam.models.attention.SoftmaxAttention", "_partial_": True}}
 
 
 @pytest.fixture(scope="module")
-def model():
-    return TinyModel()
+def model_path(tmp_path_factory) -> Path:
+    """A model file of a randomly initialised one-layer LAM: what serving does is the same for any weights."""
+    torch.manual_seed(0)
+    tokenizer = CharTokenizer(ALPHABET)
+    net = LAM(tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=32, block_size=64)
+    return Model(net, tokenizer, CONFIG, {"corpus": "none (random weights)"}).save(
+        tmp_path_factory.mktemp("model") / "tiny.lam")
+
+
+@pytest.fixture(scope="module")
+def model(model_path):
+    return lam.load(model_path)
+
+
+class Watched:
+    """A model whose pieces each take `delay` seconds more (as a bigger model's would; the GIL is handed over),
+    recording the most generations that ever ran at once."""
+
+    def __init__(self, model, delay: float = 0.001):
+        self.model, self.tokenizer, self.info, self.delay = model, model.tokenizer, model.info, delay
+        self.running = self.most = 0
+
+    def stream(self, prompt, **kwargs):
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            for piece in self.model.stream(prompt, **kwargs):
+                time.sleep(self.delay)
+                yield piece
+        finally:
+            self.running -= 1
+
+    def generate(self, prompt, **kwargs) -> str:
+        return "".join(self.model.stream(prompt, **kwargs))
 
 
 @pytest.fixture()
@@ -81,7 +90,7 @@ class Live:
 @pytest.fixture()
 def live(model):
     """A live server of the model whose pieces take 5 ms each: long enough to stop one mid-way."""
-    slow = TinyModel(delay=0.005)
+    slow = Watched(model, delay=0.005)
     app = create_app(slow, model_id="tiny", max_tokens=MAX_TOKENS)
     with running(app) as url:
         yield Live(url, app), slow
@@ -198,26 +207,8 @@ def test_an_unknown_path_answers_in_the_error_shape(client):
     assert response.status_code == 404 and response.json()["error"]["code"] == "404"
 
 
-class Overlaps:
-    """Wraps a model and records the most generations that ever ran at once."""
-
-    def __init__(self, model):
-        self.model, self.tokenizer, self.info = model, model.tokenizer, model.info
-        self.running = self.most = 0
-
-    def stream(self, prompt, **kwargs):
-        self.running += 1
-        self.most = max(self.most, self.running)
-        try:
-            for piece in self.model.stream(prompt, **kwargs):
-                time.sleep(0.001)  # hands the GIL over, as a bigger model's matmuls would
-                yield piece
-        finally:
-            self.running -= 1
-
-
 def test_concurrent_requests_queue_without_touching_each_others_state(model):
-    watched = Overlaps(model)
+    watched = Watched(model)
     client = TestClient(create_app(watched, model_id="tiny"))
     bodies = [{"prompt": p, "max_tokens": 15, "seed": s, "temperature": 1.0} for p in ("To", "Be") for s in (1, 2)]
     with ThreadPoolExecutor(4) as pool:
@@ -244,6 +235,17 @@ def test_a_client_that_disconnects_stops_its_generation(live):
         # the lock is free again: the next request is answered
         answer = http.post("/v1/completions", json={"prompt": "To", "max_tokens": 3}).json()
         assert len(answer["choices"][0]["text"]) == 3
+
+
+def test_a_client_that_gives_up_on_a_plain_request_stops_its_generation(live):
+    server, slow = live
+    counted = server.app.state.server
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json={"prompt": "To be", "max_tokens": MAX_TOKENS}, timeout=0.3)
+    time.sleep(0.5)
+    stopped_at = counted.pieces_generated
+    time.sleep(0.5)
+    assert counted.pieces_generated == stopped_at < 300
 
 
 def test_the_openai_client_completes_plain_and_streamed(live):
@@ -289,7 +291,7 @@ def test_the_page_streams_stops_and_matches_the_api_greedy(live, browser, tmp_pa
     page = browser.new_page(viewport={"width": 1000, "height": 800})
     page.goto(server.url)
     page.wait_for_function("document.getElementById('title').textContent.includes('tiny')")
-    assert "vocabulary" in page.text_content("#info-table")
+    assert "vocab_size" in page.text_content("#info-table")
 
     # typing a prompt streams text in; Stop ends it, and the server stops generating
     page.fill("#prompt-text", "To be")
@@ -376,3 +378,46 @@ def test_only_loopback_hosts_serve_without_a_warning(host, loopback):
     from lam.serve import is_loopback
 
     assert is_loopback(host) is loopback
+
+
+def test_python_m_lam_serve_serves_a_model_file_on_loopback(model_path, model):
+    with socket.socket() as s:  # a port free a moment ago; uvicorn binds it again at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "lam.serve", f"model={model_path}", f"port={port}",
+                               "log_level=warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().startswith(f"serving tiny at http://127.0.0.1:{port}/")
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+                break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline and server.poll() is None, server.stderr.read()
+                time.sleep(0.1)
+        assert health.json()["model"] == "tiny"
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/completions", content=json.dumps(
+            {"prompt": "To be", "max_tokens": 12, "temperature": 0}), timeout=30)  # no JSON content type, as curl -d
+        assert answer.json()["choices"][0]["text"] == model.generate("To be", max_new_tokens=12, temperature=0)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert "warning" not in server.stderr.read()
+
+
+def test_serving_beyond_loopback_warns(model_path, monkeypatch, capsys):
+    import lam.serve
+
+    served = {}
+    monkeypatch.setattr(lam.serve.uvicorn, "run", lambda app, **kwargs: served.update(kwargs))
+    lam.serve.main([f"model={model_path}", "host=0.0.0.0", "port=8123"])
+    assert served["host"] == "0.0.0.0" and served["port"] == 8123
+    assert "warning: host=0.0.0.0 serves the model to anyone" in capsys.readouterr().err
+
+
+def test_serve_names_a_missing_model_file_in_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "lam.serve", f"model={tmp_path / 'none.lam'}"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+        f"error: model file {tmp_path / 'none.lam'} does not exist"]

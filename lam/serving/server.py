@@ -176,6 +176,27 @@ class Server:
             cancelled.set()
 
 
+async def collect(pieces: AsyncIterator[str]) -> str:
+    return "".join([piece async for piece in pieces])
+
+
+async def until_disconnected(request: Request, work):
+    """The result of the coroutine `work`, which is cancelled (its generation stopped) if the client leaves."""
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        task.cancel()  # a no-op where it is done
+        watch.cancel()
+    if task.cancelled():  # nobody is left to read the answer
+        raise APIError(499, "the client closed the request", kind="client_closed_request")
+    return task.result()
+
+
 def finish_reason(server: Server, params: Sampling, text: str) -> str:
     """"length" where the completion used its max_tokens, else "stop" (a stop string or the end of text)."""
     return "length" if server.count(text) >= params.max_tokens else "stop"
@@ -203,6 +224,10 @@ def create_app(model, model_id: str = "lam", max_prompt_tokens: int = 4096, max_
     async def api_error(request: Request, e: APIError) -> JSONResponse:
         return e.response()
 
+    @app.exception_handler(UserError)
+    async def user_error(request: Request, e: UserError) -> JSONResponse:  # the model refused a parameter
+        return APIError(400, str(e)).response()
+
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
         return APIError(e.status_code, str(e.detail), code=str(e.status_code)).response()
@@ -224,7 +249,7 @@ def create_app(model, model_id: str = "lam", max_prompt_tokens: int = 4096, max_
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "lam",
                                             **model.info}]}
 
-    async def respond(params: Sampling, prompt: str, kind: str):
+    async def respond(request: Request, params: Sampling, prompt: str, kind: str):
         prompt_tokens = server.check(params, prompt)
         stop_strings(params.stop)
         ident, created = f"{kind}-{uuid.uuid4().hex}", int(time.time())
@@ -240,7 +265,7 @@ def create_app(model, model_id: str = "lam", max_prompt_tokens: int = 4096, max_
                     "created": created, "model": model_id, "choices": [choice]}
 
         if not params.stream:
-            text = "".join([piece async for piece in server.pieces(prompt, params)])
+            text = await until_disconnected(request, collect(server.pieces(prompt, params)))
             reason = finish_reason(server, params, text)
             choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
                       if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": reason})
@@ -271,12 +296,12 @@ def create_app(model, model_id: str = "lam", max_prompt_tokens: int = 4096, max_
         prompts = [params.prompt] if isinstance(params.prompt, str) else params.prompt
         if len(prompts) != 1:
             raise APIError(400, "this server takes one prompt per request", "prompt")
-        return await respond(params, prompts[0], "cmpl")
+        return await respond(request, params, prompts[0], "cmpl")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         params = await read_request(request, ChatRequest)
-        return await respond(params, chat_prompt(params.messages), "chatcmpl")
+        return await respond(request, params, chat_prompt(params.messages), "chatcmpl")
 
     return app
 

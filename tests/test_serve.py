@@ -336,24 +336,29 @@ def test_the_page_streams_stops_and_matches_the_api_greedy(live, browser, tmp_pa
     assert "vocabulary" in page.inner_text("#status")
 
 
-def test_a_phone_sized_viewport_shows_every_control(live, browser, tmp_path):
-    server, slow = live
-    page = browser.new_page(viewport={"width": 375, "height": 740}, device_scale_factor=2, is_mobile=True,
-                            has_touch=True)
-    page.goto(server.url)
-    page.wait_for_function("document.getElementById('title').textContent.includes('tiny')")
-    page.fill("#prompt-text", "To be")
-    set_slider(page, "max-tokens", 120)
-    page.click("#generate-button")
-    page.wait_for_function("document.getElementById('status').textContent.includes('done')")
-    width = page.evaluate("document.documentElement.clientWidth")
-    assert page.evaluate("document.documentElement.scrollWidth") <= width  # nothing runs off to the side
-    for id in ["prompt-text", "generate-button", "stop-button", "continue-button", "temperature", "top-k", "top-p",
-               "max-tokens", "seed", "output", "status"]:
-        box = page.locator(f"#{id}").bounding_box()
-        assert box and box["width"] > 0 and box["x"] >= 0 and box["x"] + box["width"] <= width, id
-    page.screenshot(path=tmp_path / "phone.png", full_page=True)
-    if os.environ.get("LAM_SERVE_SCREENSHOT"):  # LAM_SERVE_SCREENSHOT=1 refreshes the README's picture
+def test_a_phone_sized_viewport_shows_every_control(model, browser, tmp_path):
+    """LAM_SERVE_SCREENSHOT=FILE.lam serves that model instead and copies the picture to docs/serve.png."""
+    shown = os.environ.get("LAM_SERVE_SCREENSHOT")
+    with running(create_app(lam.load(shown) if shown else model, model_id=Path(shown).stem if shown else "tiny",
+                            max_tokens=MAX_TOKENS)) as url:
+        page = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True,
+                                has_touch=True)
+        page.goto(url)
+        page.wait_for_function("document.getElementById('title').textContent.includes(':')")
+        page.fill("#prompt-text", "ROMEO:" if shown else "To be")
+        set_slider(page, "max-tokens", 240)
+        page.click("#generate-button")
+        page.wait_for_function("document.getElementById('status').textContent.includes('done')")
+        width = page.evaluate("document.documentElement.clientWidth")
+        assert page.evaluate("document.documentElement.scrollWidth") <= width  # nothing runs off to the side
+        for id in ["prompt-text", "generate-button", "stop-button", "continue-button", "temperature", "top-k",
+                   "top-p", "max-tokens", "seed", "output", "status"]:
+            box = page.locator(f"#{id}").bounding_box()
+            assert box and box["width"] > 0 and box["x"] >= 0 and box["x"] + box["width"] <= width, id
+        page.click("#info summary")
+        assert page.locator("#info-table").bounding_box()["width"] <= width
+        page.screenshot(path=tmp_path / "phone.png", full_page=True)
+    if shown:
         shutil.copy(tmp_path / "phone.png", DOCS / "serve.png")
 
 

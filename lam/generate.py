@@ -1,6 +1,7 @@
-"""python -m lam.generate ckpt=PATH prompt="ROMEO:" max_new_tokens=200
+"""python -m lam.generate model=x.lam | ckpt=PATH prompt="ROMEO:" max_new_tokens=200
 
-Rebuilds the model and tokenizer from the checkpoint alone and streams samples to the terminal.
+Rebuilds the model and tokenizer from the model file or checkpoint alone and streams samples to the terminal;
+`num_samples` > 1 are sampled as one batch and printed when done.
 """
 
 from __future__ import annotations
@@ -12,18 +13,20 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from lam.training.checkpoint import read_checkpoint
 from lam.config import config_dir, report_user_errors
 from lam.data.tokenizer import Tokenizer, check_same_tokenizer, load_tokenizer
 from lam.errors import UserError
 from lam.models import stream
 from lam.models.lora import merge_lora_weights
+from lam.models.sampling import stream_text
 from lam.serving.build import build
+from lam.serving.model import Model, check_sampling, stop_list
+from lam.training.checkpoint import read_checkpoint
 
 
-def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Tokenizer]:
-    """The trained network (in eval mode) and its tokenizer, from a checkpoint written by lam.train."""
-    checkpoint = read_checkpoint(path, device)
+def net_from_checkpoint(checkpoint: dict, path: str | Path) -> tuple[torch.nn.Module, Tokenizer]:
+    """The trained network (in eval mode, on the CPU) and its tokenizer, from a checkpoint read by
+    `read_checkpoint`."""
     lam = checkpoint["lam"]
     tokenizer = load_tokenizer(lam["tokenizer"])
     net = build(lam["config"]["model"], str(path), vocab_size=tokenizer.vocab_size)
@@ -32,42 +35,82 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Mod
     try:
         net.load_state_dict(weights)
     except RuntimeError as e:
-        raise UserError(f"{path} does not match its model config: {str(e).splitlines()[1].strip()}") from None
-    return net.to(device).eval(), tokenizer
+        reason = (str(e).splitlines()[1:] or [str(e)])[0].strip()
+        raise UserError(f"{path} does not match its model config: {reason}") from None
+    return net.eval(), tokenizer
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Tokenizer]:
+    """The trained network (in eval mode) and its tokenizer, from a checkpoint written by lam.train."""
+    net, tokenizer = net_from_checkpoint(read_checkpoint(path, device), path)
+    return net.to(device), tokenizer
+
+
+def load_model(model: str | None, ckpt: str | None, device: str = "cpu") -> tuple[Model, str]:
+    """The `Model` of a model file (model=) or a checkpoint (ckpt=), exactly one of them, and what it came from
+    ("model file x.lam", "checkpoint y.ckpt")."""
+    if (model is None) == (ckpt is None):
+        raise UserError("give the model to use: model=<file>.lam (from lam.export) or ckpt=<run>/checkpoints/"
+                        "<name>.ckpt, one of them")
+    if model is not None:
+        return Model.load(model, device), f"model file {model}"
+    checkpoint = read_checkpoint(ckpt, device)
+    net, tokenizer = net_from_checkpoint(checkpoint, ckpt)
+    return Model(net.to(device), tokenizer, checkpoint["lam"]["config"]["model"]), f"checkpoint {ckpt}"
 
 
 def sample(net: torch.nn.Module, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, out=sys.stdout,
-           **kwargs) -> str:
-    """Generate one continuation of `prompt`, writing the text to `out` as it grows; returns it whole."""
+           stop: list[str] | None = None, **kwargs) -> str:
+    """Generate one continuation of `prompt`, writing the text to `out` as it grows and ending before a stop
+    string; returns it whole."""
     device = next(net.parameters()).device
     idx = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)
     if idx.shape[1] == 0:
         raise UserError("the prompt is empty: give at least one character, e.g. prompt='\\n'")
-    ids: list[int] = []
-    shown = ""
     out.write(prompt)
-    for token in stream(net, idx, max_new_tokens, **kwargs):
-        ids.append(token.item())
-        text = tokenizer.decode(ids).rstrip("\ufffd")  # hold back a multi-byte character still incomplete
-        out.write(text[len(shown):])
+    pieces = []
+    tokens = (t.item() for t in stream(net, idx, max_new_tokens, **kwargs))
+    for piece in stream_text(tokens, tokenizer.decode, stop or []):
+        out.write(piece)
         out.flush()
-        shown = text
+        pieces.append(piece)
     out.write("\n")
-    return tokenizer.decode(ids)
+    return "".join(pieces)
 
 
-@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="generate")
+def sample_batch(net: torch.nn.Module, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, num_samples: int,
+                 stop: list[str] | None = None, **kwargs) -> list[str]:
+    """`num_samples` continuations of `prompt`, sampled as one batch, each ending before a stop string."""
+    device = next(net.parameters()).device
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise UserError("the prompt is empty: give at least one character, e.g. prompt='\\n'")
+    idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
+    steps = [t for t in stream(net, idx, max_new_tokens, **kwargs)]
+    rows = torch.cat(steps, dim=1).tolist() if steps else [[] for _ in range(num_samples)]
+    return ["".join(stream_text(iter(row), tokenizer.decode, stop or [])) for row in rows]
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir() / "apps"), config_name="generate")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
-    net, tokenizer = load_checkpoint(cfg.ckpt, cfg.device)
+    check_sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    if not isinstance(cfg.num_samples, int) or cfg.num_samples < 1:
+        raise UserError(f"num_samples must be an integer >= 1, got {cfg.num_samples!r}")
+    model, source = load_model(cfg.model, cfg.ckpt, cfg.device)
     if cfg.tokenizer_file:
-        check_same_tokenizer(cfg.tokenizer_file, tokenizer, f"checkpoint {cfg.ckpt}")
+        check_same_tokenizer(cfg.tokenizer_file, model.tokenizer, source)
     generator = torch.Generator(cfg.device).manual_seed(cfg.seed)
-    for i in range(cfg.num_samples):
+    options = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, use_cache=cfg.use_cache,
+                   generator=generator, stop=stop_list(cfg.stop))
+    if cfg.num_samples == 1:
+        sample(model.net, model.tokenizer, cfg.prompt, cfg.max_new_tokens, **options)
+        return
+    for i, text in enumerate(sample_batch(model.net, model.tokenizer, cfg.prompt, cfg.max_new_tokens,
+                                          cfg.num_samples, **options)):
         if i:
             print("-" * 40)
-        sample(net, tokenizer, cfg.prompt, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-               use_cache=cfg.use_cache, generator=generator)
+        print(cfg.prompt + text)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ def groups(*names: str) -> list[str]:
 @pytest.mark.parametrize("entry,says,listed", [
     ("train", "Trains one language model", groups("attention", "data", "debug", "experiment", "model", "trainer")),
     ("prepare", "Prepares the token cache", groups("data", "tokenizer")),
-    ("generate", "Samples text from a checkpoint", ["ckpt: ???", "max_new_tokens:", "temperature:"]),
+    ("generate", "Samples text from a model file", ["model: null", "ckpt: null", "max_new_tokens:", "top_p:"]),
 ])
 def test_help_says_what_the_entry_point_does_lists_its_options_and_shows_examples(entry, says, listed):
     page = help_page(entry)

@@ -1,0 +1,185 @@
+"""The model file: export -> load gives the same network (torch.equal logits, the same greedy text, the tie
+restored) for every attention mechanism and both position schemes; each broken or hostile file is refused in one
+line; a write is atomic."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import safetensors.torch
+import torch
+from omegaconf import OmegaConf
+
+import lam
+from helpers import TINY_MODEL, compose_train
+from lam.data.tokenizer import CharTokenizer
+from lam.errors import UserError
+from lam.export import export
+from lam.serving import model_file
+from lam.serving.build import build
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ATTENTIONS = ["softmax", "window", "linear", "retention", "gated"]
+TOKENIZER = CharTokenizer("\n abcdefghijklmnopqrstuvwxyz.")
+
+
+def model_config(tmp_path, attention: str, pos: str) -> dict:
+    cfg = compose_train([*TINY_MODEL, "data=custom", f"data.path={tmp_path}/c.txt", "data.block_size=16",
+                         f"attention={attention}", f"model.pos={pos}"], tmp_path)
+    return OmegaConf.to_container(cfg.model, resolve=True)
+
+
+def write_checkpoint(tmp_path, config: dict, seed: int = 0):
+    """A checkpoint as lam.train writes one (the entries export reads), of a randomly initialised network."""
+    torch.manual_seed(seed)
+    net = build(config, "test", vocab_size=TOKENIZER.vocab_size)
+    path = tmp_path / "run.ckpt"
+    torch.save({"global_step": 7, "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+                "callbacks": {"ModelCheckpoint{...}": {"monitor": "val/loss", "current_score": torch.tensor(1.5)}},
+                "lam": {"config": {"model": config, "data": {"path": "corpus.txt"}},
+                        "tokenizer": TOKENIZER.state_dict()}}, path)
+    return net.eval(), path
+
+
+def greedy(net, ids: list[int], steps: int) -> list[int]:
+    """Greedy decoding by recomputing the context (the last block_size tokens) at every step."""
+    ids = list(ids)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids.append(int(net(torch.tensor([ids[-net.block_size:]]))[0][0, -1].argmax()))
+    return ids
+
+
+@pytest.mark.parametrize("pos", ["rope", "learned"])
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_export_then_load_gives_the_same_model(attention, pos, tmp_path):
+    config = model_config(tmp_path, attention, pos)
+    net, ckpt = write_checkpoint(tmp_path, config)
+    export(ckpt, tmp_path / "m.lam")
+    m = lam.load(tmp_path / "m.lam")
+    x = torch.randint(TOKENIZER.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(m.net(x)[0], net(x)[0])
+    assert m.net.lm_head.weight is m.net.wte.weight  # the tie restored
+    with safetensors.safe_open(tmp_path / "m.lam", "pt") as f:
+        assert "lm_head.weight" not in f.keys() and "wte.weight" in f.keys()  # stored once
+        meta = f.metadata()
+    assert json.loads(meta["tied"]) == {"lm_head.weight": "wte.weight"}
+    assert meta["format"] == "lam-model" and json.loads(meta["config"]) == config
+    assert int(meta["parameters"]) == sum(p.numel() for p in net.parameters())
+    assert json.loads(meta["record"])["steps"] == 7 and json.loads(meta["record"])["val_loss"] == 1.5
+    prompt = TOKENIZER.encode("the king")
+    expected = TOKENIZER.decode(greedy(net, prompt, 24)[len(prompt):])
+    assert m.generate("the king", max_new_tokens=24, temperature=0) == expected
+    assert "".join(m.stream("the king", max_new_tokens=24, temperature=0)) == expected
+    info = m.info
+    assert info["block_size"] == 16 and info["vocab_size"] == TOKENIZER.vocab_size and info["pos"] == pos
+    assert info["parameters"] == int(meta["parameters"]) and info["record"]["corpus"] == "corpus.txt"
+
+
+def test_perplexity_is_the_exp_of_the_mean_loss_over_windows(tmp_path):
+    net, ckpt = write_checkpoint(tmp_path, model_config(tmp_path, "softmax", "learned"))
+    export(ckpt, tmp_path / "m.lam")
+    m = lam.load(tmp_path / "m.lam")
+    text = "the king speaks to the queen. " * 3
+    ids = torch.tensor(TOKENIZER.encode(text))
+    losses = []
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, 16):
+            piece = ids[start:start + 17]
+            logits = net(piece[None, :-1])[0][0]
+            losses += torch.nn.functional.cross_entropy(logits, piece[1:], reduction="none").tolist()
+    assert m.perplexity(text) == pytest.approx(torch.tensor(losses).mean().exp().item(), rel=1e-6)
+
+
+def refusals(tmp_path, marker):
+    """name: (model file, what its one-line error says)."""
+    _, ckpt = write_checkpoint(tmp_path, model_config(tmp_path, "softmax", "rope"))
+    good = export(ckpt, tmp_path / "good.lam") and tmp_path / "good.lam"
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.lam"
+    truncated.write_bytes(data[: len(data) - 100])
+    changed = tmp_path / "changed.lam"
+    changed.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # the last byte of the tensor data
+    with safetensors.safe_open(good, "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+    def rewritten(name, **entries):  # a file with other metadata and a sha256 that matches them
+        new = {**meta, **entries}
+        new["sha256"] = model_file.digest(tensors, new)
+        safetensors.torch.save_file(tensors, tmp_path / name, new)
+        return tmp_path / name
+
+    touch = ["touch", str(marker)]
+    config = json.loads(meta["config"])
+    foreign = rewritten("target.lam", config=json.dumps({**config, "attention": {
+        "_target_": "subprocess.run", "args": touch, "_partial_": True}}))
+    tokenizer = rewritten("tokenizer.lam", tokenizer=json.dumps({"class": "subprocess.Popen", "args": touch}))
+    plain = tmp_path / "plain.safetensors"
+    safetensors.torch.save_file(tensors, plain)
+    text = tmp_path / "notes.lam"
+    text.write_text("hello, not a model\n")
+    return {
+        "truncated": (truncated, "is truncated or damaged"),
+        "changed byte": (changed, "has changed since it was written"),
+        "foreign target": (foreign, "model.attention._target_ is 'subprocess.run'"),
+        "foreign tokenizer": (tokenizer, "tokenizer class 'subprocess.Popen' is not one of LAM's"),
+        "not LAM's": (plain, "is not a LAM model file"),
+        "not safetensors": (text, "is not a LAM model file"),
+        "newer version": (rewritten("v2.lam", version="2"), "of version 2; this LAM reads version 1"),
+    }
+
+
+CASES = ["truncated", "changed byte", "foreign target", "foreign tokenizer", "not LAM's", "not safetensors",
+         "newer version"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_broken_or_hostile_model_file_is_refused(case, tmp_path):
+    marker = tmp_path / "marker"
+    path, message = refusals(tmp_path, marker)[case]
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        lam.load(path)
+    assert not marker.exists()
+
+
+def test_generate_refuses_a_changed_file_in_one_line_and_exits_1(tmp_path):
+    marker = tmp_path / "marker"
+    path, message = refusals(tmp_path, marker)["foreign target"]
+    result = subprocess.run([sys.executable, "-m", "lam.generate", f"model={path}"], capture_output=True,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+    assert not marker.exists()
+
+
+def test_a_failed_write_leaves_the_old_file_whole_and_no_temporary(tmp_path, monkeypatch):
+    net, ckpt = write_checkpoint(tmp_path, model_config(tmp_path, "linear", "rope"))
+    export(ckpt, tmp_path / "m.lam")
+    before = (tmp_path / "m.lam").read_bytes()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(OSError, match="disk full"):
+        export(ckpt, tmp_path / "m.lam")
+    assert (tmp_path / "m.lam").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
+
+
+def test_export_cli_writes_the_file_and_names_it(tmp_path):
+    _, ckpt = write_checkpoint(tmp_path, model_config(tmp_path, "retention", "learned"))
+    result = subprocess.run([sys.executable, "-m", "lam.export", f"ckpt={ckpt}", f"out={tmp_path / 'x.lam'}"],
+                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {tmp_path / 'x.lam'}" in result.stdout and lam.load(tmp_path / "x.lam").info["attention"] == \
+        "Retention"
+    result = subprocess.run([sys.executable, "-m", "lam.export", f"ckpt={ckpt}", f"out={tmp_path}/no/x.lam"],
+                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 1 and result.stderr.strip() == f"error: out={tmp_path}/no/x.lam: folder " \
+                                                               f"{tmp_path}/no does not exist"

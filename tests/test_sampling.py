@@ -1,0 +1,88 @@
+"""Sampling: top-p (p = 1 is plain sampling, a small p is greedy, otherwise only the nucleus is drawn), stop
+strings, num_samples as one batch, and one-line errors for values out of range."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lam.data.tokenizer import CharTokenizer
+from lam.errors import UserError
+from lam.generate import sample_batch
+from lam.models import LAM
+from lam.models.sampling import sample_next, stream, stream_text
+from lam.serving.model import check_sampling
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def logits(seed: int = 0) -> torch.Tensor:
+    return torch.randn(4, 50, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def draws(top_p: float, **kwargs) -> torch.Tensor:
+    g = torch.Generator().manual_seed(7)
+    return torch.cat([sample_next(logits(), top_p=top_p, generator=g, **kwargs) for _ in range(200)], dim=1)
+
+
+def test_top_p_one_is_plain_sampling_and_a_small_p_is_greedy():
+    g = torch.Generator().manual_seed(7)
+    plain = torch.cat([sample_next(logits(), generator=g) for _ in range(200)], dim=1)
+    assert torch.equal(draws(1.0), plain)
+    assert torch.equal(draws(1e-6), logits().argmax(-1, keepdim=True).expand(4, 200))
+
+
+def test_top_p_draws_only_the_nucleus_and_all_of_it():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    g = torch.Generator().manual_seed(0)
+    seen = {int(sample_next(probs.log(), top_p=0.7, generator=g)) for _ in range(300)}
+    assert seen == {0, 1}  # 0.5 < 0.7: the second token completes the nucleus, the third is outside
+    seen = {int(sample_next(probs.log(), top_p=0.81, generator=g)) for _ in range(300)}
+    assert seen == {0, 1, 2}
+
+
+@pytest.mark.parametrize("stop, pieces", [
+    (["USER:"], ["h", "i", " "]),           # held back while it could begin the stop string
+    (["x", " U"], ["h", "i"]),
+    ([], ["h", "i", " ", "U", "S", "E", "R", ":", " ", "o"]),
+])
+def test_stream_text_ends_before_a_stop_string(stop, pieces):
+    tokens = iter(map(ord, "hi USER: o"))
+    assert list(stream_text(tokens, lambda ids: "".join(map(chr, ids)), stop)) == pieces
+
+
+def test_num_samples_runs_as_one_batch():
+    torch.manual_seed(0)
+    tokenizer = CharTokenizer("abcdefgh ")
+    net = LAM(tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=16, block_size=32).eval()
+    calls = []
+    net.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    texts = sample_batch(net, tokenizer, "abc", 10, num_samples=3, temperature=0)
+    assert calls == [3] * 10  # one forward per step, for all three samples
+    one = tokenizer.decode(torch.cat(list(stream(net, torch.tensor([tokenizer.encode("abc")]), 10,
+                                                 temperature=0)), 1)[0].tolist())
+    assert texts == [one] * 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(temperature=-0.5), "temperature must be >= 0"),
+    (dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 0"),
+    (dict(top_p=0.0), "top_p must be in (0, 1]"),
+    (dict(top_p=1.5), "top_p must be in (0, 1]"),
+    (dict(top_k=0), "top_k must be an integer >= 1"),
+])
+def test_sampling_values_out_of_range_are_refused(args, message):
+    values = dict(max_new_tokens=10, temperature=1.0, top_k=None, top_p=1.0) | args
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        check_sampling(**values)
+
+
+def test_generate_refuses_a_bad_value_in_one_line_before_loading(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "lam.generate", "ckpt=missing.ckpt", "top_k=0"],
+                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: top_k must be an integer >= 1, or null for all tokens, got 0"

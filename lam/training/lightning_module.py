@@ -8,6 +8,7 @@ from collections.abc import Callable
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
 from torch import nn
 from torchmetrics import MeanMetric
 
@@ -61,10 +62,19 @@ class LanguageModel(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         """Clip as trainer.gradient_clip_val / gradient_clip_algorithm say (by global norm unless "value") and
-        log the global norm before clipping."""
+        log the global norm before clipping, both of the true gradients under every precision.
+
+        Under a loss scaler (16-mixed) Lightning unscales before this hook, except for an optimizer that
+        unscales inside its step (fused AdamW): those gradients are unscaled here, and the step then gets the
+        scaler's inf check without the scale. Clipping does not go through `self.clip_gradients`, which refuses
+        such an optimizer under any mixed precision (bf16 has no scaler at all): the gradients are true ones."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None and _optimizer_handles_unscaling(optimizer):
+            scaler.unscale_(optimizer)
         if gradient_clip_algorithm == "value":
             norm = torch.nn.utils.clip_grad_norm_(self.parameters(), math.inf)  # measures only
-            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            if gradient_clip_val:
+                torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
         else:  # one pass: measures and clips
             norm = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val or math.inf)
         if self.logs_this_step():

@@ -1,0 +1,90 @@
+"""python -m lam.eval model=x.lam | ckpt=PATH [data=custom data.path=...] [out=eval.json] [data.* ...]
+
+Loss, perplexity and bits per character of a model on a corpus's validation split, by the protocol of training's
+validation: the data module's windows (data.eval_batches x data.batch_size, spread evenly over the split, of the
+model's block size unless data.block_size says otherwise), the mean next-token loss over their tokens. Keys other
+than model, ckpt, out and device are overrides of lam.train's config (data=..., data.path=..., data.*); the
+corpus is encoded with the model's own tokenizer. Prints one line and writes the numbers to `out` as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+
+from lam.config import compose_train, report_user_errors
+from lam.errors import UserError
+from lam.generate import load_model
+from lam.serving.model import Model
+
+OWN_KEYS = {"model": None, "ckpt": None, "out": "eval.json", "device": "cpu"}
+
+
+def parse(argv: list[str]) -> tuple[dict, list[str]]:
+    """(this command's keys, the overrides for lam.train's config)."""
+    own, overrides = dict(OWN_KEYS), []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise UserError(f"{arg!r} is not key=value; e.g. python -m lam.eval model=x.lam data=custom "
+                            "data.path=corpus.txt")
+        if key in own:
+            own[key] = value
+        else:
+            overrides.append(arg)
+    return own, overrides
+
+
+@torch.no_grad()
+def evaluate(model: Model, datamodule) -> dict:
+    """Loss (nats per token), perplexity and bits per character over the validation windows of `datamodule`."""
+    datamodule.prepare_data()
+    datamodule.setup("validate")
+    total, tokens, characters = 0.0, 0, 0
+    for x, y in datamodule.val_dataloader():
+        x, y = x.to(model.device), y.to(model.device)
+        logits = model.net(x)[0]
+        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+        tokens += y.numel()
+        characters += sum(len(model.tokenizer.decode(row)) for row in y.tolist())
+    if not tokens:
+        raise UserError("the validation split holds no window: use a larger corpus or a smaller data.block_size")
+    loss = total / tokens
+    return {"loss": loss, "perplexity": math.exp(loss), "bits_per_char": total / math.log(2) / characters,
+            "tokens": tokens, "characters": characters}
+
+
+def run(argv: list[str]) -> dict:
+    own, overrides = parse(argv)
+    model, source = load_model(own["model"], own["ckpt"], own["device"])
+    if not any(o.split("=", 1)[0] == "data.block_size" for o in overrides) and model.info["block_size"]:
+        overrides.append(f"data.block_size={model.info['block_size']}")
+    with tempfile.TemporaryDirectory() as folder:
+        cfg = compose_train([*overrides, "data.save_dir=null"], folder)
+        datamodule = instantiate(cfg.data, tokenizer=model.tokenizer)
+        result = {"model": source, "corpus": cfg.data.get("path") or cfg.data.get("source", {}).get("url"),
+                  "block_size": cfg.data.block_size, **evaluate(model, datamodule)}
+    Path(own["out"]).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"{source}: val loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
+          f"{result['bits_per_char']:.4f} bits per character over {result['tokens']:,} tokens; wrote {own['out']}")
+    return result
+
+
+@report_user_errors
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip())
+        return
+    run(argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""lam.eval measures a model by training's validation protocol: on a run's own validation split its loss is the
+run's final val/loss, from the model file as from the checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from helpers import TINY, compose_train
+from lam.eval import main
+from lam.export import export
+from lam.train import train
+
+pytestmark = pytest.mark.slow
+
+DATA = ["data.batch_size=4", "data.eval_batches=2"]  # TINY's validation windows (its block size is the model's)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, corpus):
+    out = tmp_path_factory.mktemp("run")
+    cfg = compose_train([*TINY, "data=custom", f"data.path={corpus}", "trainer.precision=32-true",
+                         "trainer.max_steps=20"], out)
+    train(cfg)
+    return out
+
+
+def test_eval_loss_on_the_runs_validation_split_is_its_final_val_loss(trained, corpus, tmp_path, capsys):
+    val_loss = json.loads((trained / "metrics.json").read_text())["val_loss"]
+    export(trained / "checkpoints" / "last.ckpt", tmp_path / "m.lam")
+    main([f"model={tmp_path / 'm.lam'}", "data=custom", f"data.path={corpus}", *DATA, f"out={tmp_path / 'e.json'}"])
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["loss"] == pytest.approx(val_loss, rel=1e-6)
+    assert result["perplexity"] == pytest.approx(math.exp(val_loss), rel=1e-6)
+    assert result["bits_per_char"] == pytest.approx(val_loss / math.log(2), rel=1e-6)  # one character a token
+    assert result["tokens"] == 2 * 4 * 32 and f"val loss {val_loss:.4f}" in capsys.readouterr().out
+
+    main([f"ckpt={trained / 'checkpoints' / 'last.ckpt'}", "data=custom", f"data.path={corpus}", *DATA,
+          f"out={tmp_path / 'c.json'}"])
+    assert json.loads((tmp_path / "c.json").read_text())["loss"] == result["loss"]
+
+
+def test_eval_refuses_both_or_neither_model_and_ckpt(tmp_path, capsys):
+    for argv in ([], ["model=a.lam", "ckpt=b.ckpt"]):
+        with pytest.raises(SystemExit) as exit:
+            main([*argv, f"out={tmp_path / 'e.json'}"])
+        assert exit.value.code == 1 and "give the model to use" in capsys.readouterr().err
+    assert not (tmp_path / "e.json").exists()

@@ -160,8 +160,8 @@ def test_ddp_multirun_jobs_match_one_process_on_the_same_global_batch(tmp_path, 
 @pytest.mark.slow
 def test_ddp_matches_one_process_in_bf16(tmp_path, corpus):
     """The bf16-mixed twin of the test above, one run: its losses agree with one process's on the same global
-    batches within precisions.tolerance (3.5e-4 of each; measured: 2e-5), while one process on other windows
-    is 6e-3 off."""
+    batches within precisions.tolerance (3.5e-4 of each loss; measured: 2e-5 of it), while one process on other
+    windows is 6e-3 of it off."""
     bf16 = PRECISION["bf16-mixed"]
     ddp = tmp_path / "ddp"
     lam_train(*RUN, f"data.path={corpus}", "trainer=ddp_cpu", *bf16, f"hydra.run.dir={ddp}", cwd=tmp_path)

@@ -123,7 +123,7 @@ def test_validation_and_samples_do_not_recompile(tmp_path, corpus):
                  "trainer.max_steps=15", "trainer.val_check_interval=5", "callbacks.samples.max_new_tokens=4",
                  "callbacks.samples.prompts=[the,the king]"]
     train(compose_train(overrides, tmp_path))
-    assert column(read_metrics(tmp_path), "val/loss")[-1][0] == 14  # three validations ran
+    assert column(read_metrics(tmp_path), "val/loss")[-1][0] == 15  # three validations ran (steps done)
     assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 6  # 2 prompts after each validation
     assert counters["stats"]["unique_graphs"] == 2
 

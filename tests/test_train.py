@@ -46,11 +46,13 @@ def test_training_learns_checkpoints_and_generates(attention, tmp_path, corpus):
     assert validation_loss(net, cfg) == pytest.approx(val_loss, rel=1e-5)  # last.ckpt holds the final weights
 
     printed = io.StringIO()
-    text = sample(net, tokenizer, "The king", 25, out=printed, temperature=0)
-    ids = tokenizer.encode("The king")
-    with torch.no_grad():  # greedy decoding, recomputed here over the last block_size tokens
+    text = sample(net, tokenizer, "The king", 25, out=printed, temperature=0.8,
+                  generator=torch.Generator().manual_seed(0))
+    ids, generator = tokenizer.encode("The king"), torch.Generator().manual_seed(0)
+    with torch.no_grad():  # the same draws, each from the whole context recomputed (its last block_size tokens)
         for _ in range(25):
-            ids.append(int(net(torch.tensor([ids[-cfg.data.block_size:]]))[0][0, -1].argmax()))
+            logits = net(torch.tensor([ids[-cfg.data.block_size:]]))[0][:, -1]
+            ids.append(int(torch.multinomial(torch.softmax(logits / 0.8, dim=-1), 1, generator=generator)))
     assert text == tokenizer.decode(ids[len("The king"):]) and printed.getvalue() == f"The king{text}\n"
 
 

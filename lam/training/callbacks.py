@@ -42,12 +42,13 @@ class StepProgressBar(RichProgressBar):
 
 class Throughput(L.Callback):
     """Logs `tokens_per_sec` (all ranks together, over the last `window` batches) and `elapsed_s`, the
-    training time so far, at the steps whose metrics Lightning writes (trainer.log_every_n_steps); also `flops_per_sec` (lam.models.flops' count) and, on GPUs
-    whose peak Lightning knows, `mfu`. Computed by Lightning's Throughput, the one its ThroughputMonitor uses,
-    on a clock that stops from the start of each validation to the next training batch, so that validations
-    and the samples and checkpoints taken after them are not counted. (ThroughputMonitor counts what
-    SampleText does after a validation as training, and logs validation throughput among the step metrics at
-    validation batch counts.)"""
+    training time so far, at the steps whose metrics Lightning writes (trainer.log_every_n_steps); also
+    `flops_per_sec` (lam.models.flops' count) and, on GPUs whose peak Lightning knows, `mfu`. Computed by
+    Lightning's Throughput, the one its ThroughputMonitor uses, on a clock that stops from the start of each
+    validation to the next training batch, so that validations and the samples and checkpoints taken after them
+    are not counted. (ThroughputMonitor itself counts what follows a validation's last batch, the samples and
+    the checkpoint, as training time, and logs validation throughput among the step metrics, at validation
+    batch counts.)"""
 
     def __init__(self, window: int = 10):
         self.window = window

@@ -1,0 +1,78 @@
+"""python -m lam.chat model=x.lam | ckpt=PATH: an interactive session that streams each continuation.
+
+Each line typed joins the transcript (with its newline) and the model continues it; the state (KV cache,
+recurrent state) is kept across turns. Commands: /reset, /temp T, /topk K|none, /max N, /quit (or Ctrl-D).
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from lam.config import config_dir, report_user_errors
+from lam.errors import UserError
+from lam.generate import load_model
+from lam.serving.model import check_sampling
+from lam.serving.session import Session
+
+HELP = "commands: /reset (forget the transcript), /temp T, /topk K|none, /max N, /quit"
+
+
+def command(session: Session, line: str) -> str | None:
+    """Apply a /command to the session; what to print about it, or None for /quit."""
+    name, _, value = line.partition(" ")
+    value = value.strip()
+    try:
+        if name == "/quit":
+            return None
+        if name == "/reset":
+            session.reset()
+            return "(transcript forgotten)"
+        if name == "/temp":
+            session.temperature = float(value)
+        elif name == "/topk":
+            session.top_k = None if value in ("", "none", "null") else int(value)
+        elif name == "/max":
+            session.max_new_tokens = int(value)
+        else:
+            return f"(unknown command {name}; {HELP})"
+        check_sampling(session.max_new_tokens, session.temperature, session.top_k, session.top_p)
+    except ValueError:
+        return f"({name} takes a number, got {value!r})"
+    except UserError as e:
+        return f"({e})"
+    return f"(temperature {session.temperature}, top_k {session.top_k}, max {session.max_new_tokens})"
+
+
+def chat(session: Session, read=input, write=print) -> None:
+    while True:
+        try:
+            line = read("you> ")
+        except EOFError:
+            write("")
+            return
+        if line.startswith("/"):
+            said = command(session, line)
+            if said is None:
+                return
+            write(said)
+            continue
+        write("lam> ", end="", flush=True)
+        for piece in session.turn(line + "\n"):
+            write(piece, end="", flush=True)
+        write("")
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir() / "apps"), config_name="chat")
+@report_user_errors
+def main(cfg: DictConfig) -> None:
+    check_sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    model, source = load_model(cfg.model, cfg.ckpt, cfg.device)
+    session = Session(model, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.stop, cfg.seed)
+    info = model.info
+    print(f"{source}: {info['parameters']:,} parameters, {info['attention']}, {info['tokenizer']}; {HELP}")
+    chat(session)
+
+
+if __name__ == "__main__":
+    main()

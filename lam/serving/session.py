@@ -1,0 +1,62 @@
+"""A generation session that continues across turns (lam.chat): the network's state is kept between turns.
+
+The state is the recurrent state for the linear family and the KV cache for softmax; each turn feeds only the
+tokens the state has not seen: the last token sampled in the turn before (sampled, not yet fed) and the new text.
+A model with learned positions sees at most its last block_size tokens: past that each step recomputes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from lam.models.sampling import sample_next, stream_text
+from lam.serving.model import Model, check_sampling, stop_list
+
+
+class Session:
+    """The transcript of a conversation with `model` and the state that has read it. Sampling settings are
+    attributes, changeable between turns."""
+
+    def __init__(self, model: Model, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int | None = None,
+                 top_p: float = 1.0, stop: str | Sequence[str] | None = None, seed: int | None = None):
+        self.model = model
+        self.max_new_tokens, self.temperature, self.top_k, self.top_p = max_new_tokens, temperature, top_k, top_p
+        self.stop = stop_list(stop)
+        self.generator = torch.Generator(model.device)
+        self.generator.manual_seed(seed) if seed is not None else self.generator.seed()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the transcript and the state."""
+        self.ids: list[int] = []  # every token of the transcript, fed or not
+        self.state, self.fed = None, 0  # the state has read self.ids[:self.fed]
+
+    @torch.no_grad()
+    def next_logits(self) -> torch.Tensor:
+        """(1, vocab) logits after the whole transcript, feeding the state what it has not read."""
+        limit = getattr(self.model.net, "max_context", None)
+        device = self.model.device
+        if limit is not None and len(self.ids) > limit:  # learned positions: recompute the last block_size
+            logits, _ = self.model.net(torch.tensor([self.ids[-limit:]], device=device))
+            self.state, self.fed = None, 0
+        else:
+            logits, self.state = self.model.net(torch.tensor([self.ids[self.fed:]], device=device), self.state)
+            self.fed = len(self.ids)
+        return logits[:, -1]
+
+    def tokens(self, text: str) -> Iterator[int]:
+        self.ids += self.model.tokenizer.encode(text)
+        if not self.ids:
+            return
+        for _ in range(self.max_new_tokens):
+            token = int(sample_next(self.next_logits(), self.temperature, self.top_k, self.top_p, self.generator))
+            self.ids.append(token)  # read by the state with the next step, or the next turn
+            yield token
+
+    def turn(self, text: str) -> Iterator[str]:
+        """Add `text` to the transcript and yield the continuation in pieces, ending before a stop string (the
+        tokens sampled stay in the transcript)."""
+        check_sampling(self.max_new_tokens, self.temperature, self.top_k, self.top_p)
+        yield from stream_text(self.tokens(text), self.model.tokenizer.decode, self.stop)

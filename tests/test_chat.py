@@ -1,0 +1,121 @@
+"""Sessions carry the state across turns: three turns give exactly (greedy) the tokens of recomputing the whole
+transcript at once; lam.chat streams, /reset forgets, /quit ends, through a pseudo-terminal."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import pexpect
+import pytest
+import torch
+
+import lam
+from lam.data.tokenizer import CharTokenizer
+from lam.models import LAM
+from lam.models.attention import LinearAttention, SoftmaxAttention
+from lam.serving import model_file
+from lam.serving.model import Model
+from lam.serving.session import Session
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TOKENIZER = CharTokenizer("\n abcdefghijklmnopqrstuvwxyz.:")
+TURNS = ["the king: ", "and the queen.\nlord: ", "x"]
+
+
+def model(attention, pos: str, block_size: int = 256) -> Model:
+    torch.manual_seed(0)
+    net = LAM(TOKENIZER.vocab_size, attention, n_layer=2, n_head=2, n_embd=32, block_size=block_size, pos=pos)
+    return Model(net.double(), TOKENIZER, {})  # float64: cached and recomputed logits agree far past an argmax tie
+
+
+def recomputed(m: Model, turns: list[str], new_tokens: int) -> list[list[int]]:
+    """Each turn's greedy tokens, from the whole transcript (its last block_size tokens) at every step."""
+    ids, replies = [], []
+    with torch.no_grad():
+        for text in turns:
+            ids += TOKENIZER.encode(text)
+            reply = []
+            for _ in range(new_tokens):
+                context = ids[-m.net.max_context:] if m.net.max_context else ids
+                reply.append(int(m.net(torch.tensor([context]))[0][0, -1].argmax()))
+                ids.append(reply[-1])
+            replies.append(reply)
+    return replies
+
+
+@pytest.mark.parametrize("attention, pos, block_size", [
+    (LinearAttention, "rope", 256), (SoftmaxAttention, "rope", 256), (SoftmaxAttention, "learned", 40)])
+def test_three_turns_give_the_tokens_of_the_whole_transcript(attention, pos, block_size):
+    """With learned positions and block_size 40 the transcript outgrows the context: the last 40 tokens."""
+    m = model(attention, pos, block_size)
+    session = Session(m, max_new_tokens=12, temperature=0)
+    replies = [list(session.tokens(text)) for text in TURNS]
+    assert replies == recomputed(m, TURNS, 12)
+    assert len(session.ids) > block_size or pos == "rope"
+
+
+def test_the_last_sampled_token_is_fed_with_the_next_turn():
+    m = model(SoftmaxAttention, "rope")
+    session = Session(m, max_new_tokens=5, temperature=0)
+    list(session.turn(TURNS[0]))
+    assert session.fed == len(session.ids) - 1  # sampled, not yet read by the state
+    list(session.turn(TURNS[1]))
+    assert session.state[0].offset == session.fed == len(session.ids) - 1
+
+
+def test_a_stop_string_ends_the_turn_and_reset_forgets():
+    m = model(LinearAttention, "rope")
+    free = "".join(Session(m, max_new_tokens=30, temperature=0).turn("the king: "))
+    stop = free[5:7]
+    session = Session(m, max_new_tokens=30, temperature=0, stop=stop)
+    assert "".join(session.turn("the king: ")) == free[:free.index(stop)]
+    session.reset()
+    assert session.ids == [] and session.state is None
+    session.stop = []
+    assert "".join(session.turn("the king: ")) == free
+
+
+def terminal(text: str) -> str:
+    return text.replace("\r\n", "\n")
+
+
+@pytest.mark.slow
+def test_chat_streams_resets_and_quits_in_a_terminal(tmp_path):
+    m = model(SoftmaxAttention, "rope")
+    with torch.no_grad():
+        for p in m.net.parameters():  # larger weights than the init's: a reply of varied characters
+            p.mul_(8)
+    config = {"_target_": "lam.models.LAM", "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 256,
+              "pos": "rope", "attention": {"_target_": "lam.models.attention.SoftmaxAttention", "_partial_": True}}
+    model_file.save(tmp_path / "m.lam", m.net.float(), TOKENIZER, config, {})
+    session = Session(lam.load(tmp_path / "m.lam"), max_new_tokens=300, temperature=0)
+    first, second = "".join(session.turn("the king\n")), "".join(session.turn("and the queen\n"))
+    assert len(set(first)) > 5 and first != second
+
+    child = pexpect.spawn(sys.executable, ["-m", "lam.chat", f"model={tmp_path / 'm.lam'}", "temperature=0",
+                                           "max_new_tokens=300"], encoding="utf-8", timeout=60,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    child.expect("you> ")
+    child.sendline("the king")
+    reads, text = [], ""
+    while "you> " not in text:  # the reply arrives piece by piece, while it is being sampled
+        text += child.read_nonblocking(4096, timeout=60)
+        reads.append(time.monotonic())
+    assert terminal(text) == f"the king\nlam> {first}\nyou> "
+    assert len(reads) > 2 and reads[-1] - reads[0] > 0.05
+    child.sendline("and the queen")
+    child.expect("you> ")
+    assert terminal(child.before) == f"and the queen\nlam> {second}\n"  # continues the transcript
+    child.sendline("/reset")
+    child.expect("you> ")
+    assert "forgotten" in child.before
+    child.sendline("the king")
+    child.expect("you> ")
+    assert terminal(child.before) == f"the king\nlam> {first}\n"  # as from the start
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0

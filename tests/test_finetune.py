@@ -6,11 +6,13 @@ import torch
 from hydra.utils import instantiate
 
 from helpers import TINY, TINY_RUN, compose_train
+import lam
 from lam.errors import UserError
+from lam.export import export
 from lam.generate import load_checkpoint
 from lam.models import LAM
 from lam.train import train
-from lam.training.finetune import read_start
+from lam.training.finetune import adapt, read_start
 
 pytestmark = pytest.mark.slow
 
@@ -35,8 +37,13 @@ def weights(path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items()}
 
 
-def test_init_from_loads_exactly_the_files_weights(base):
-    start = read_start(base)
+@pytest.mark.parametrize("kind", ["checkpoint", "model file"])
+def test_init_from_loads_exactly_the_files_weights(base, tmp_path, kind):
+    path = base
+    if kind == "model file":
+        path = tmp_path / "base.lam"
+        export(base, path)
+    start = read_start(path)
     net = instantiate(start.model, vocab_size=start.tokenizer.vocab_size)
     start.load_into(net)
     assert net.state_dict().keys() == weights(base).keys()
@@ -71,6 +78,17 @@ def test_lora_fine_tune_trains_only_adapters_and_loads_as_a_plain_lam(base, corp
     net, _ = load_checkpoint(tuned)  # adapters merged: the plain model's weights, and they differ from the base
     assert type(net) is LAM and net.state_dict().keys() == before.keys()
     assert not torch.equal(net.state_dict()["blocks.0.attn.qkv.weight"], before["blocks.0.attn.qkv.weight"])
+
+    export(tuned, tmp_path / "tuned.lam")
+    exported = lam.load(tmp_path / "tuned.lam")  # an ordinary model file, with the adapters merged
+    adapted = instantiate(read_start(base).model, vocab_size=exported.tokenizer.vocab_size)
+    adapt(adapted, {"r": 2})
+    adapted.load_state_dict(after)
+    x = torch.tensor([exported.tokenizer.encode("The king speaks")])
+    assert type(exported.net) is LAM and exported.net.state_dict().keys() == before.keys()
+    torch.testing.assert_close(exported.net(x)[0], adapted.eval()(x)[0], atol=1e-5, rtol=0)
+    # and it starts a fine-tune of its own
+    assert run(tmp_path / "again", corpus, f"init_from={tmp_path / 'tuned.lam'}", base=FINE_TUNE).is_file()
 
 
 def test_new_characters_are_one_clear_error_and_errors_replace_reads_them(base, tmp_path):

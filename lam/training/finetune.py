@@ -2,8 +2,8 @@
 
 A start takes three things from its file: the model's architecture (its config, which overrides the run's),
 its tokenizer (the run's data is encoded with it, so that ids keep their meaning) and its weights; the run then
-trains from step 0 with a new optimizer and schedule. The file is a checkpoint of lam.train; a LoRA run's
-adapters are folded into the weights on reading, so any run can be the start of another.
+trains from step 0 with a new optimizer and schedule. The file is a model file (lam.export) or a checkpoint of
+lam.train; a LoRA run's adapters are folded into the weights on reading, so any run can be the start of another.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from torch import nn
 from lam.data.tokenizer import Tokenizer, load_tokenizer
 from lam.errors import UserError
 from lam.models.lora import add_lora, merge_lora_weights
+from lam.serving import model_file
 from lam.training.checkpoint import read_checkpoint
 from lam.training.runs import flatten
 
@@ -36,12 +37,23 @@ class Start:
         net.load_state_dict(self.weights)
 
 
+def is_checkpoint(path: Path) -> bool:
+    """Whether the file is a torch.save zip archive (a checkpoint) rather than a model file (safetensors)."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
 def read_start(path: str | Path) -> Start:
-    """The model, tokenizer and weights of a checkpoint of lam.train; a UserError if it is not one."""
+    """The model, tokenizer and weights of a model file or a checkpoint of lam.train; a UserError if it is
+    neither."""
+    path = Path(path)
+    if path.is_file() and not is_checkpoint(path):
+        found = model_file.read(path)
+        return Start(path, found.config, found.tokenizer, found.net.state_dict())
     checkpoint = read_checkpoint(path)
     lam = checkpoint["lam"]
     weights = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
-    return Start(Path(path), lam["config"]["model"], load_tokenizer(lam["tokenizer"]), merge_lora_weights(weights))
+    return Start(path, lam["config"]["model"], load_tokenizer(lam["tokenizer"]), merge_lora_weights(weights))
 
 
 def override_keys(overrides: list[str]) -> list[tuple[str, str]]:

@@ -426,3 +426,11 @@ def test_serve_names_a_missing_model_file_in_one_line(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and done.stderr.strip().splitlines() == [
         f"error: model file {tmp_path / 'none.lam'} does not exist"]
+
+
+def test_serve_help_names_every_key():
+    page = subprocess.run([sys.executable, "-m", "lam.serve", "--help"], capture_output=True, text=True,
+                          timeout=120, check=True).stdout
+    assert page.startswith("python -m lam.serve model=")
+    for key in ("model", "model_id", "host", "port", "max_tokens", "max_prompt_tokens", "log_level"):
+        assert f"\n{key}: " in page, key

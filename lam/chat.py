@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from lam.config import config_dir, report_user_errors
 from lam.errors import UserError
-from lam.generate import load_model
+from lam.generate import command_line_stops, load_model
 from lam.serving.model import check_sampling
 from lam.serving.session import Session
 
@@ -68,7 +68,8 @@ def chat(session: Session, read=input, write=print) -> None:
 def main(cfg: DictConfig) -> None:
     check_sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
     model, source = load_model(cfg.model, cfg.ckpt, cfg.device)
-    session = Session(model, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.stop, cfg.seed)
+    stop = command_line_stops(cfg.stop)
+    session = Session(model, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, stop, cfg.seed)
     info = model.info
     print(f"{source}: {info['parameters']:,} parameters, {info['attention']}, {info['tokenizer']}; {HELP}")
     chat(session)

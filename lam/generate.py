@@ -59,6 +59,11 @@ def load_model(model: str | None, ckpt: str | None, device: str = "cpu") -> tupl
     return Model(net.to(device), tokenizer, checkpoint["lam"]["config"]["model"]), f"checkpoint {ckpt}"
 
 
+def command_line_stops(stop) -> list[str]:
+    """Stop strings as typed on a command line (a string or a list): \\n and \\t in them mean newline and tab."""
+    return [s.replace("\\n", "\n").replace("\\t", "\t") for s in stop_list(stop)]
+
+
 def sample(net: torch.nn.Module, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, out=sys.stdout,
            stop: list[str] | None = None, **kwargs) -> str:
     """Generate one continuation of `prompt`, writing the text to `out` as it grows and ending before a stop
@@ -102,7 +107,7 @@ def main(cfg: DictConfig) -> None:
         check_same_tokenizer(cfg.tokenizer_file, model.tokenizer, source)
     generator = torch.Generator(cfg.device).manual_seed(cfg.seed)
     options = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, use_cache=cfg.use_cache,
-                   generator=generator, stop=stop_list(cfg.stop))
+                   generator=generator, stop=command_line_stops(cfg.stop))
     if cfg.num_samples == 1:
         sample(model.net, model.tokenizer, cfg.prompt, cfg.max_new_tokens, **options)
         return

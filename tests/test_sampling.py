@@ -12,7 +12,7 @@ import torch
 
 from lam.data.tokenizer import CharTokenizer
 from lam.errors import UserError
-from lam.generate import sample_batch
+from lam.generate import command_line_stops, sample_batch
 from lam.models import LAM
 from lam.models.sampling import sample_next, stream, stream_text
 from lam.serving.model import check_sampling
@@ -86,3 +86,7 @@ def test_generate_refuses_a_bad_value_in_one_line_before_loading(tmp_path):
                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 1
     assert result.stderr.strip() == "error: top_k must be an integer >= 1, or null for all tokens, got 0"
+
+
+def test_stop_strings_typed_on_a_command_line_read_backslash_n_as_a_newline():
+    assert command_line_stops("\\n\\n") == ["\n\n"] and command_line_stops(["a\\tb", "c"]) == ["a\tb", "c"]

@@ -294,7 +294,8 @@ def test_the_page_streams_stops_and_matches_the_api_greedy(live, browser, tmp_pa
     assert "vocab_size" in page.text_content("#info-table")
 
     # typing a prompt streams text in; Stop ends it, and the server stops generating
-    page.fill("#prompt-text", "To be")
+    page.fill("#prompt-text", "")
+    page.locator("#prompt-text").press_sequentially("To be")
     set_slider(page, "max-tokens", MAX_TOKENS)
     page.click("#generate-button")
     page.wait_for_function("document.getElementById('generated').textContent.length >= 20")

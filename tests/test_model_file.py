@@ -183,3 +183,14 @@ def test_export_cli_writes_the_file_and_names_it(tmp_path):
                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 1 and result.stderr.strip() == f"error: out={tmp_path}/no/x.lam: folder " \
                                                                f"{tmp_path}/no does not exist"
+
+
+def test_lam_load_needs_neither_lightning_nor_hydra(tmp_path):
+    _, ckpt = write_checkpoint(tmp_path, model_config(tmp_path, "gated", "rope"))
+    export(ckpt, tmp_path / "m.lam")
+    code = ("import sys, lam; m = lam.load(sys.argv[1]); m.generate('ab', 3); m.perplexity('the king'); "
+            "print(sorted({k.split('.')[0] for k in sys.modules} & {'lightning', 'pytorch_lightning', 'hydra', "
+            "'omegaconf'}))")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.lam")], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr

@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from helpers import TINY, compose_train
 from lam.eval import main
@@ -48,3 +49,11 @@ def test_eval_refuses_both_or_neither_model_and_ckpt(tmp_path, capsys):
             main([*argv, f"out={tmp_path / 'e.json'}"])
         assert exit.value.code == 1 and "give the model to use" in capsys.readouterr().err
     assert not (tmp_path / "e.json").exists()
+
+
+def test_a_runs_checkpoints_read_with_weights_only(trained):
+    """What lam.train stores (Lightning's entries and LAM's) is tensors and plain values."""
+    for name in ("last.ckpt", "best.ckpt"):
+        checkpoint = torch.load(trained / "checkpoints" / name, weights_only=True)
+        assert json.loads(json.dumps(checkpoint["lam"])) == checkpoint["lam"]
+        assert checkpoint["lam"]["tokenizer"]["class"] == "lam.data.tokenizer.CharTokenizer"

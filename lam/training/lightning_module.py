@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 
@@ -98,8 +99,10 @@ class LanguageModel(L.LightningModule):
                 "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Everything `lam.generate` needs to rebuild the model and its tokenizer from the file alone."""
-        checkpoint["lam"] = {"config": self.config}
+        """Everything `lam.generate` needs to rebuild the model and its tokenizer from the file alone, as plain
+        JSON values: `torch.load(weights_only=True)` reads them back (a value JSON cannot hold fails here)."""
+        lam = {"config": self.config}
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None:
-            checkpoint["lam"]["tokenizer"] = datamodule.tokenizer.state_dict()
+            lam["tokenizer"] = datamodule.tokenizer.state_dict()
+        checkpoint["lam"] = json.loads(json.dumps(lam))

@@ -417,7 +417,10 @@ def test_serving_beyond_loopback_warns(model_path, monkeypatch, capsys):
 
     served = {}
     monkeypatch.setattr(lam.serve.uvicorn, "run", lambda app, **kwargs: served.update(kwargs))
-    lam.serve.main([f"model={model_path}", "host=0.0.0.0", "port=8123"])
+    threads = torch.get_num_threads()
+    lam.serve.main([f"model={model_path}", "host=0.0.0.0", "port=8123", f"threads={threads + 1}"])
+    assert torch.get_num_threads() == threads + 1
+    torch.set_num_threads(threads)
     assert served["host"] == "0.0.0.0" and served["port"] == 8123
     assert "warning: host=0.0.0.0 serves the model to anyone" in capsys.readouterr().err
 
@@ -433,5 +436,5 @@ def test_serve_help_names_every_key():
     page = subprocess.run([sys.executable, "-m", "lam.serve", "--help"], capture_output=True, text=True,
                           timeout=120, check=True).stdout
     assert page.startswith("python -m lam.serve model=")
-    for key in ("model", "model_id", "host", "port", "max_tokens", "max_prompt_tokens", "log_level"):
+    for key in ("model", "model_id", "host", "port", "max_tokens", "max_prompt_tokens", "threads", "log_level"):
         assert f"\n{key}: " in page, key

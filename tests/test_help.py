@@ -24,6 +24,8 @@ def groups(*names: str) -> list[str]:
     ("train", "Trains one language model", groups("attention", "data", "debug", "experiment", "model", "trainer")),
     ("prepare", "Prepares the token cache", groups("data", "tokenizer")),
     ("generate", "Samples text from a model file", ["model: null", "ckpt: null", "max_new_tokens:", "top_p:"]),
+    ("export", "Writes a checkpoint's model as one model file", ["ckpt: ???", "out: ???"]),
+    ("chat", "Chats with a trained model", ["model: null", "ckpt: null", "temperature:", "stop:"]),
 ])
 def test_help_says_what_the_entry_point_does_lists_its_options_and_shows_examples(entry, says, listed):
     page = help_page(entry)

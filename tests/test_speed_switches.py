@@ -129,12 +129,16 @@ def test_validation_and_samples_do_not_recompile(tmp_path, corpus):
 
 
 class Clock(L.Callback):
-    """Wall-clock timestamps of training start and of every batch end, kept on the class for the test."""
+    """Wall-clock timestamps of the first batch's start and of every batch end, kept on the class for the test."""
 
     times: list[float] = []
 
     def on_train_start(self, trainer, pl_module) -> None:
-        Clock.times = [time.perf_counter()]
+        Clock.times = []
+
+    def on_train_batch_start(self, *args) -> None:
+        if not Clock.times:
+            Clock.times.append(time.perf_counter())
 
     def on_train_batch_end(self, *args) -> None:
         Clock.times.append(time.perf_counter())
@@ -143,21 +147,25 @@ class Clock(L.Callback):
 @pytest.mark.precision
 def test_throughput_is_tokens_over_wall_time(tmp_path, corpus):
     """Each logged tokens/s = tokens of its WINDOW steps / their wall time, as an independent clock read in the
-    same hooks sees it. The two clocks are read about a millisecond apart (the callback's own logging and the
-    hook dispatch run between them), so a window's wall time agrees to 5 ms, or 2% of a window when that is
-    more; a window lasts 50-150 ms here. `threads=1` sets torch's thread count."""
+    same hooks sees it. At a logged step's end the callback's own logging (four calls of about 1 ms, twice that
+    on a busy machine) runs between the two clocks' readings, which cancels between two logged steps but not
+    in the first window, which starts at the first batch's start: a window's wall time agrees to 10 ms, or 2%
+    of a window when that is more; a window lasts 50-200 ms here. `threads=1` sets torch's thread count."""
     torch.set_num_threads(2)
     overrides = [*TINY, "data=custom", f"data.path={corpus}", f"trainer.max_steps={STEPS}",
                  f"data.batch_size={BATCH}", f"data.block_size={BLOCK}", f"callbacks.throughput.window={WINDOW}",
                  f"trainer.log_every_n_steps={WINDOW}",  # a row per window (each row repeats the latest value)
+                 # one validation, after the last step: Throughput's clock leaves validations out, this one would
+                 # not (tests/test_tracking.py checks that they are left out)
+                 f"trainer.val_check_interval={STEPS}",
                  "+callbacks.clock._target_=test_speed_switches.Clock", "threads=1"]
     train(compose_train(overrides, tmp_path))
     assert torch.get_num_threads() == 1
     rows = read_metrics(tmp_path)
     logged = column(rows, "tokens_per_sec")
-    assert [s for s, _ in logged] == list(range(WINDOW - 1, STEPS, WINDOW))
+    assert [s for s, _ in logged] == list(range(WINDOW, STEPS + 1, WINDOW))  # at the steps done
     for step, tokens_per_sec in logged:
-        clock = Clock.times[step + 1] - Clock.times[step + 1 - WINDOW]
-        assert BATCH * BLOCK * WINDOW / tokens_per_sec == pytest.approx(clock, rel=0.02, abs=0.005)
+        clock = Clock.times[step] - Clock.times[step - WINDOW]
+        assert BATCH * BLOCK * WINDOW / tokens_per_sec == pytest.approx(clock, rel=0.02, abs=0.01)
     elapsed = column(rows, "elapsed_s")[-1][1]
-    assert elapsed == pytest.approx(Clock.times[-1] - Clock.times[0], rel=0.02, abs=0.005)
+    assert elapsed == pytest.approx(Clock.times[-1] - Clock.times[0], rel=0.02, abs=0.01)  # as the first window

@@ -98,3 +98,14 @@ def test_a_checkpoint_of_plain_values_reads_and_builds(tmp_path):
 def test_a_tokenizer_state_with_unknown_arguments_is_refused():
     with pytest.raises(UserError, match="does not fit"):
         load_tokenizer({**TOKENIZER, "shell": "rm -rf"})
+
+
+@pytest.mark.parametrize("model, message", [
+    ({**MODEL, "_partial_": True}, "does not name a network class"),
+    ([MODEL], "does not name a network class"),
+    ({**MODEL, "pos": "sideways"}, "does not build (ValueError: pos must be"),
+    ({**MODEL, "n_head": {"_target_": "lam.models.LAM", "depth": 3}}, "does not build (TypeError"),
+])
+def test_a_model_config_that_does_not_build_a_network_is_one_line(model, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        build(model, "x.ckpt", vocab_size=4)

@@ -52,10 +52,14 @@ def check_targets(config, where: str, key: str = "model") -> None:
 
 
 def build(config: dict, where: str, **kwargs):
-    """The object `config` describes (a network, with `kwargs` added to its top node's arguments), after
-    `check_targets`."""
+    """The network `config` describes, with `kwargs` added to its top node's arguments, after `check_targets`."""
+    if not isinstance(config, dict) or config.get("_target_") not in ALLOWED or config.get("_partial_"):
+        raise UserError(f"{where}: the model config does not name a network class of LAM's")
     check_targets(config, where)
-    return instantiate(config, **kwargs)
+    try:
+        return instantiate(config, **kwargs)
+    except (TypeError, ValueError) as e:  # arguments the classes do not take, or values they refuse
+        raise UserError(f"{where}: the model config does not build ({type(e).__name__}: {e})") from None
 
 
 def instantiate(node, **kwargs):

@@ -37,6 +37,16 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
         raise UserError(f"top_p must be in (0, 1] (1: all tokens), got {top_p!r}")
 
 
+def seeded_generator(device: torch.device, seed: int | None) -> torch.Generator:
+    """A generator for sampling on `device`, seeded with `seed` (None: a fresh random seed)."""
+    generator = torch.Generator(device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
 def stop_list(stop: str | Sequence[str] | None) -> list[str]:
     return [stop] if isinstance(stop, str) else list(stop or [])
 
@@ -63,8 +73,8 @@ class Model:
     @property
     def info(self) -> dict:
         """What /v1/models tells about the model."""
-        attention = self.config.get("attention", {}).get("_target_", "") if isinstance(
-            self.config.get("attention"), dict) else ""
+        attention = self.config.get("attention")
+        attention = attention.get("_target_", "") if isinstance(attention, dict) else ""
         return {"parameters": sum(p.numel() for p in self.net.parameters()),
                 "attention": attention.rpartition(".")[2] or None,
                 "pos": self.config.get("pos"),
@@ -84,8 +94,7 @@ class Model:
         """The continuation of `prompt`, in text pieces as they are sampled, ending before a stop string."""
         check_sampling(max_new_tokens, temperature, top_k, top_p)
         idx = self.encode_prompt(prompt)
-        generator = torch.Generator(self.device)
-        generator.manual_seed(seed) if seed is not None else generator.seed()
+        generator = seeded_generator(self.device, seed)
         tokens = (t.item() for t in stream_tokens(self.net, idx, max_new_tokens, temperature=temperature,
                                                   top_k=top_k, top_p=top_p, generator=generator))
         yield from stream_text(tokens, self.tokenizer.decode, stop_list(stop))

@@ -121,6 +121,8 @@ def read(path: str | Path, device: str = "cpu") -> ModelFile:
     except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise UserError(f"{path} has unreadable metadata ({type(e).__name__}: {e})") from None
     net = build(config, str(path), vocab_size=tokenizer.vocab_size)
+    if not isinstance(tied, dict) or not set(tied.values()) <= set(tensors):
+        raise UserError(f"{path} names tied weights it does not hold")
     for name, stored in tied.items():
         tensors[name] = tensors[stored]
     try:

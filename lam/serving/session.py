@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from lam.models.sampling import sample_next, stream_text
-from lam.serving.model import Model, check_sampling, stop_list
+from lam.serving.model import Model, check_sampling, seeded_generator, stop_list
 
 
 class Session:
@@ -24,8 +24,7 @@ class Session:
         self.model = model
         self.max_new_tokens, self.temperature, self.top_k, self.top_p = max_new_tokens, temperature, top_k, top_p
         self.stop = stop_list(stop)
-        self.generator = torch.Generator(model.device)
-        self.generator.manual_seed(seed) if seed is not None else self.generator.seed()
+        self.generator = seeded_generator(model.device, seed)
         self.reset()
 
     def reset(self) -> None:

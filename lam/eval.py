@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -63,6 +64,9 @@ def evaluate(model: Model, datamodule) -> dict:
 
 def run(argv: list[str]) -> dict:
     own, overrides = parse(argv)
+    out = Path(own["out"])
+    if not out.parent.is_dir():
+        raise UserError(f"out={out}: folder {out.parent} does not exist")
     model, source = load_model(own["model"], own["ckpt"], own["device"])
     if not any(o.split("=", 1)[0] == "data.block_size" for o in overrides) and model.info["block_size"]:
         overrides.append(f"data.block_size={model.info['block_size']}")
@@ -71,9 +75,11 @@ def run(argv: list[str]) -> dict:
         datamodule = instantiate(cfg.data, tokenizer=model.tokenizer)
         result = {"model": source, "corpus": cfg.data.get("path") or cfg.data.get("source", {}).get("url"),
                   "block_size": cfg.data.block_size, **evaluate(model, datamodule)}
-    Path(own["out"]).write_text(json.dumps(result, indent=1) + "\n")
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, out)  # a reader sees the old file or the new one
     print(f"{source}: val loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
-          f"{result['bits_per_char']:.4f} bits per character over {result['tokens']:,} tokens; wrote {own['out']}")
+          f"{result['bits_per_char']:.4f} bits per character over {result['tokens']:,} tokens; wrote {out}")
     return result
 
 

@@ -57,3 +57,11 @@ def test_a_runs_checkpoints_read_with_weights_only(trained):
         checkpoint = torch.load(trained / "checkpoints" / name, weights_only=True)
         assert json.loads(json.dumps(checkpoint["lam"])) == checkpoint["lam"]
         assert checkpoint["lam"]["tokenizer"]["class"] == "lam.data.tokenizer.CharTokenizer"
+
+
+def test_eval_refuses_an_out_in_a_missing_folder_before_evaluating(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["model=missing.lam", f"out={tmp_path / 'no' / 'e.json'}"])
+    assert exit.value.code == 1
+    assert capsys.readouterr().err.strip() == f"error: out={tmp_path / 'no' / 'e.json'}: folder {tmp_path / 'no'} " \
+                                              "does not exist"

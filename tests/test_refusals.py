@@ -4,6 +4,7 @@ and nothing it carries is executed (the marker file its payload would create doe
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 
 from lam.data.tokenizer import CharTokenizer, load_tokenizer
 from lam.errors import UserError
+from lam.generate import load_model
 from lam.serving.build import build
 from lam.training.checkpoint import read_checkpoint
 
@@ -70,7 +72,17 @@ CASES = ["pickle with code", "foreign model target", "foreign nested target", "h
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_generate_refuses_a_hostile_or_broken_checkpoint_in_one_line(case, tmp_path):
+def test_a_hostile_or_broken_checkpoint_is_refused_in_one_line(case, tmp_path):
+    marker = tmp_path / "marker"
+    path, message = hostile_files(tmp_path, marker)[case]
+    with pytest.raises(UserError, match=re.escape(message)) as refused:
+        load_model(None, str(path))
+    assert len(str(refused.value).splitlines()) == 1
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("case", ["pickle with code", "foreign nested target", "truncated"])
+def test_generate_refuses_it_and_exits_1(case, tmp_path):
     marker = tmp_path / "marker"
     path, message = hostile_files(tmp_path, marker)[case]
     result = subprocess.run([sys.executable, "-m", "lam.generate", f"ckpt={path}", "max_new_tokens=2"],

@@ -186,10 +186,8 @@ def log_summary(metrics: dict, output_dir: str, checkpoint) -> None:
 
 def start_from(cfg: DictConfig) -> Start:
     """init_from's model, whose architecture replaces cfg.model; a UserError if the command line asks for
-    another, or also resumes a run."""
-    if cfg.get("ckpt_path"):
-        raise UserError("init_from= starts a new run from a model's weights and ckpt_path= resumes a run: "
-                        "give one of them")
+    another. With ckpt_path= too (the fine-tune's own command, resumed), the checkpoint's weights, optimizer and
+    step then replace the file's."""
     start = read_start(cfg.init_from)
     check_architecture(start, OmegaConf.to_container(cfg.model, resolve=True), HydraConfig.get().overrides.task)
     with open_dict(cfg):

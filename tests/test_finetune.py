@@ -5,7 +5,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from helpers import TINY, TINY_RUN, compose_train
+from helpers import TINY, TINY_RUN, column, compose_train, read_metrics
 import lam
 from lam.errors import UserError
 from lam.export import export
@@ -106,6 +106,10 @@ def test_another_architecture_is_refused(base, corpus, tmp_path, override):
         run(tmp_path / "refused", corpus, f"init_from={base}", override, base=FINE_TUNE)
 
 
-def test_resuming_and_fine_tuning_at_once_is_refused(base, corpus, tmp_path):
-    with pytest.raises(UserError, match="give one of them"):
-        run(tmp_path / "both", corpus, f"init_from={base}", f"ckpt_path={base}", base=FINE_TUNE)
+def test_an_interrupted_fine_tune_resumes_with_its_own_command_and_ckpt_path(base, corpus, tmp_path):
+    command = [f"init_from={base}", "lora=default", "lora.r=2"]
+    first = run(tmp_path / "first", corpus, *command, base=FINE_TUNE)
+    resumed = run(tmp_path / "resumed", corpus, *command, f"ckpt_path={first}", "trainer.max_steps=5",
+                  base=FINE_TUNE)
+    assert torch.load(resumed, weights_only=False)["global_step"] == 5
+    assert [step for step, _ in column(read_metrics(tmp_path / "resumed"), "train/loss")] == [4, 5]

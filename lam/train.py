@@ -47,8 +47,6 @@ from lam.training.lightning_module import LanguageModel
 from lam.sweep import needs_own_process, run_as_own_process
 
 
-os.environ.setdefault("WANDB_MODE", "offline")
-
 log = logging.getLogger(__name__)
 
 # Warnings that say nothing about the run: the model summary sizes parameters in 32 bits under any precision,
@@ -151,16 +149,21 @@ def finish_wandb(exit_code: int) -> None:
 
 
 def validate_the_end(trainer: L.Trainer, model: LanguageModel, datamodule) -> None:
-    """Validate the last step if the schedule did not, and let that loss count for best.ckpt (ModelCheckpoint
-    only sees validations inside fit)."""
+    """Validate the last step if the schedule did not, and let that loss count for best.ckpt and last.ckpt
+    (ModelCheckpoint only sees validations inside fit)."""
     if model.validated_at == trainer.global_step or not trainer.enable_validation:
         return
     trainer.validate(model, datamodule=datamodule, verbose=False)
     checkpoint, loss = trainer.checkpoint_callback, trainer.callback_metrics["val/loss"]
-    if checkpoint and checkpoint.monitor == "val/loss" and checkpoint.mode == "min" \
+    if checkpoint is None:
+        return
+    if checkpoint.monitor == "val/loss" and checkpoint.mode == "min" \
             and (checkpoint.best_model_score is None or loss < checkpoint.best_model_score):
         checkpoint.best_model_path, checkpoint.best_model_score = checkpoint.format_checkpoint_name({}), loss
         trainer.save_checkpoint(checkpoint.best_model_path, weights_only=False)
+    if checkpoint.save_last:
+        checkpoint.last_model_path = checkpoint.format_checkpoint_name({}, checkpoint.CHECKPOINT_NAME_LAST)
+        trainer.save_checkpoint(checkpoint.last_model_path, weights_only=False)
 
 
 @rank_zero_only
@@ -225,9 +228,9 @@ def train(cfg: DictConfig) -> float | None:
     try:
         for logger in trainer.loggers:  # once per run: the resolved config, the model's size and cost
             logger.log_hyperparams({**config, **size})
-        start = time.perf_counter()
+        began = time.perf_counter()
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-        wall_s = time.perf_counter() - start
+        wall_s = time.perf_counter() - began
         validate_the_end(trainer, model, datamodule)
 
         tokens = trainer.global_step * trainer.accumulate_grad_batches * trainer.world_size \

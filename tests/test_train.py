@@ -69,12 +69,13 @@ def validation_loss(net: torch.nn.Module, cfg) -> float:
 
 
 @pytest.mark.parametrize("steps", [12, 5])  # validations at step 10 and the end; only the end
-def test_best_checkpoint_counts_the_validation_at_the_end(tmp_path, corpus, steps):
+def test_best_and_last_checkpoints_count_the_validation_at_the_end(tmp_path, corpus, steps):
     _, out = run(tmp_path, corpus, f"trainer.max_steps={steps}")
     val = column(read_metrics(out), "val/loss")
     assert all(val[-1][1] < v for _, v in val[:-1])  # still learning: the end is the best
     assert json.loads((out / "metrics.json").read_text())["best_val_loss"] == pytest.approx(val[-1][1])
-    assert torch.load(out / "checkpoints" / "best.ckpt", weights_only=False)["global_step"] == steps
+    for name in ("best", "last"):  # last.ckpt too holds the end, not the latest validation inside fit
+        assert torch.load(out / "checkpoints" / f"{name}.ckpt", weights_only=True)["global_step"] == steps
 
 
 # The exact comparisons run in 32-true, and their twins in bf16-mixed within precisions.tolerance

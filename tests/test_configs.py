@@ -48,7 +48,8 @@ def targets(node):
             yield from targets(value)
 
 
-GROUPS = [p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "experiment", "apps")]  # apps: the other entry points' own config root
+# groups of train.yaml (apps: the other entry points' own config root)
+GROUPS = [p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "experiment", "apps")]
 
 
 @pytest.mark.parametrize("group,choice", [(g, c) for g in GROUPS for c in choices(g)])

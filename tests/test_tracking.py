@@ -13,11 +13,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import rich
-import torch
 import wandb
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from helpers import TINY, StopAt, column, compose_train, read_metrics
+from helpers import TINY, column, compose_train, read_metrics
 from lam.models.flops import flops_per_token, forward_flops_per_token
 from lam.models import LAM
 from lam.models.attention import Attention, LinearAttention, SoftmaxAttention

@@ -52,13 +52,14 @@ class Tokenizer(ABC):
         Path(path).write_text(json.dumps(self.state_dict(), ensure_ascii=False, indent=1), encoding="utf-8")
 
 
-def load_tokenizer(state: dict | str | Path) -> Tokenizer:
-    """Rebuild a tokenizer from `Tokenizer.state_dict()` (a dict, or the path of a file that `save` wrote)."""
+def load_tokenizer(state: dict | str | Path, trusted: tuple[type[Tokenizer], ...] = ()) -> Tokenizer:
+    """Rebuild a tokenizer from `Tokenizer.state_dict()` (a dict, or the path of a file that `save` wrote).
+    Its class must be one of LAM's or of `trusted` (the class a run's own config built)."""
     if not isinstance(state, dict):
         state = json.loads(Path(state).read_text(encoding="utf-8"))
     state = dict(state)
     name = state.pop("class", None)
-    classes = tokenizer_classes()
+    classes = {**tokenizer_classes(), **{class_name(cls): cls for cls in trusted}}
     if name not in classes:
         raise UserError(f"tokenizer class {name!r} is not one of LAM's ({', '.join(sorted(classes))})")
     try:

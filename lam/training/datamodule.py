@@ -253,7 +253,7 @@ class TextDataModule(L.LightningDataModule):
             return
         meta = self.meta
         cache = self.cache_dir
-        self.tokenizer = load_tokenizer(cache / "tokenizer.json")
+        self.tokenizer = load_tokenizer(cache / "tokenizer.json", trusted=(type(self.tokenizer),))
         if self.save_dir:
             save_tokenizer(self.tokenizer, self.save_dir)
         for name, count in meta["tokens"].items():

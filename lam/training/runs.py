@@ -19,10 +19,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
-from rich.console import Console
 from rich.table import Table
 
-from lam.errors import UserError
 
 # config keys (and their subtrees) that never split runs into groups: seeds are averaged over, the rest is
 # where and how a run was recorded

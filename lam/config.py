@@ -26,8 +26,16 @@ def run_labels(root: DictConfig) -> list[str]:
     return [choices[group] for group in (*model_groups(model, choices), "data")]
 
 
+def train_groups() -> str:
+    """conf/train.yaml's groups and their choices, a line each, for --help: conf/hydra (Hydra's own) and
+    conf/apps (the root of the other entry points' configs) are not among them."""
+    groups = sorted(p for p in config_dir().iterdir() if p.is_dir() and p.name not in ("hydra", "apps"))
+    return "\n".join(f"{g.name}: {', '.join(sorted(f.stem for f in g.glob('*.yaml')))}" for g in groups)
+
+
 RESOLVERS = {
     "lam.cpu_precision": cpu_precision,  # conf/trainer/cpu.yaml
+    "lam.train_groups": train_groups,  # conf/hydra/help/{train,prepare}.yaml
     "lam.data_dir": lambda: str(default_data_dir()),  # conf/paths/default.yaml
     "lam.cache_dir": lambda: str(default_cache_dir()),
     # conf/logger/wandb.yaml: e.g. lam-linear-shakespeare-s7, bigram-shakespeare-s7

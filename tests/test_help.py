@@ -16,7 +16,7 @@ def help_page(entry: str) -> str:
 
 
 def groups(*names: str) -> list[str]:
-    """'group: choice, choice' lines, as Hydra's $APP_CONFIG_GROUPS writes them, from the files in conf/."""
+    """'group: choice, choice' lines of the groups in conf/, as the help pages list them."""
     return [f"{g}: {', '.join(sorted(p.stem for p in (config_dir() / g).glob('*.yaml')))}" for g in names]
 
 
@@ -35,6 +35,7 @@ def test_help_says_what_the_entry_point_does_lists_its_options_and_shows_example
     examples = [row.strip() for row in page.splitlines() if row.startswith(f"  python -m lam.{entry}")]
     assert len(examples) == 3
     assert "powered by Hydra" not in page and "$APP_CONFIG_GROUPS" not in page
+    assert not [row for row in page.splitlines() if row.startswith(("apps", "hydra/"))]  # not train's groups
 
 
 def test_help_examples_of_train_compose(tmp_path):

@@ -8,7 +8,7 @@ last step; fp32), validated at the end on the same windows:
 - scratch: the base's architecture with random weights;
 - full: init_from=base, every weight trains, at the default lr and at a tenth of it;
 - lora r=4, lora r=8: init_from=base lora=default lora.r=..., only the adapters train.
-All read Stan with the base's 65-character alphabet (data.source.errors=replace: the 7 characters of Stan
+All read Stan with the base's 65-character alphabet (data.errors=replace: the 7 characters of Stan
 that Shakespeare lacks read as '?'), so every val loss is over the same token ids. Prints a Markdown table of
 val loss (mean and spread over the seeds), trainable parameters and seconds per run, and the base's own val
 loss on those windows before any step on Stan.
@@ -33,7 +33,7 @@ from lam.config import compose_train
 from lam.train import train
 from lam.training.finetune import read_start
 
-COMMON = ["data=stan", "data.source.errors=replace", "trainer.precision=32-true", "threads=1", "trainer.enable_progress_bar=false",
+COMMON = ["data=stan", "data.errors=replace", "trainer.precision=32-true", "threads=1", "trainer.enable_progress_bar=false",
           "callbacks.samples.every_n_validations=0"]
 VARIANTS = {
     "from scratch": [],

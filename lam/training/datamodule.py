@@ -39,7 +39,7 @@ from rich.console import Console
 from rich.progress import Progress
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from lam.data.corpora import LocalText, read_text
+from lam.data.corpora import Download, LocalText, read_text
 from lam.data.paths import default_cache_dir
 from lam.data.tokenizer import CharTokenizer, Tokenizer, load_tokenizer
 from lam.errors import UserError
@@ -84,7 +84,7 @@ def split_pieces(documents: list[tuple[Path, str]], cut: int,
 FALLBACKS = "\ufffd? "  # what errors=replace reads a character outside a given alphabet as: the first it has
 
 
-def replacements(tokenizer: Tokenizer, documents: list[tuple[Path, str]], errors_key: str) -> dict[int, str]:
+def replacements(tokenizer: Tokenizer, documents: list[tuple[Path, str]]) -> dict[int, str]:
     """For a char tokenizer whose alphabet is given (a fine-tuned model's): a str.translate table sending each
     character of the documents that the alphabet lacks to a fallback it has, where the documents are read with
     errors="replace"; a UserError naming those characters where they are read strictly. Empty otherwise."""
@@ -99,7 +99,7 @@ def replacements(tokenizer: Tokenizer, documents: list[tuple[Path, str]], errors
     if strict := sorted(c for c, errors in missing.items() if errors != "replace"):
         shown = " ".join(map(repr, strict[:20])) + (f" and {len(strict) - 20} more" if len(strict) > 20 else "")
         raise UserError(f"the text has {len(strict)} characters outside the tokenizer's alphabet of "
-                        f"{tokenizer.vocab_size}: {shown}; {errors_key}=replace reads each as {fallback!r}")
+                        f"{tokenizer.vocab_size}: {shown}; data.errors=replace reads each as {fallback!r}")
     return {ord(c): fallback for c in missing}
 
 
@@ -169,6 +169,13 @@ class TextDataModule(L.LightningDataModule):
         self.save_dir = Path(save_dir) if save_dir else None
 
     @classmethod
+    def from_download(cls, url: str, sha256: str, filename: str, data_dir: str | None = None,
+                      errors: str = "strict", **kwargs) -> TextDataModule:
+        """A DataModule over a public corpus: `lam.data.corpora.Download` of `url` (checked against `sha256`)
+        into `data_dir` as `filename`, or that file where it is already."""
+        return cls(Download(url, sha256, filename, data_dir, errors), **kwargs)
+
+    @classmethod
     def from_path(cls, path: str, glob: str = "**/*.txt", errors: str = "strict", val_path: str | None = None,
                   **kwargs) -> TextDataModule:
         """A DataModule over the user's own text: a file, or the files under a folder matching `glob`;
@@ -216,8 +223,7 @@ class TextDataModule(L.LightningDataModule):
                 train = takewhile(lambda split_piece: split_piece[0] == "train", split_pieces(documents, cut))
                 text, total = (piece for _, piece in train), cut
             tokenizer.train(track(text, "reading for the tokenizer", total))
-        table = replacements(tokenizer, documents,
-                             "data.errors" if isinstance(self.source, LocalText) else "data.source.errors")
+        table = replacements(tokenizer, documents)
         joiner = tokenizer.eot_id if tokenizer.eot_id is not None else DOCUMENT_BREAK
         dtype = token_dtype(tokenizer.vocab_size)
 

@@ -17,14 +17,8 @@ messages included, and a failed run's error or traceback too; the run ends with 
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import secrets
-import string
-import sys
 import time
-import warnings
 from numbers import Real
 from pathlib import Path
 
@@ -34,29 +28,20 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar
-from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lam.config import config_dir, report_user_errors, user_error
 from lam.errors import UserError
+from lam.models.flops import flops_per_token
+from lam.sweep import needs_own_process, run_as_own_process
 from lam.training.checkpoint import check_resumable
 from lam.training.finetune import Start, adapt, check_architecture, check_context, parameter_counts, read_start
-from lam.models.flops import flops_per_token
 from lam.training.lightning_module import LanguageModel
-from lam.sweep import needs_own_process, run_as_own_process
-
+from lam.training.run_log import log_to_the_run
+from lam.training.tracking import finish_wandb, keep_wandb_run, log_at_steps_done, log_results, log_summary, \
+    write_json
 
 log = logging.getLogger(__name__)
-
-# Warnings that say nothing about the run: the model summary sizes parameters in 32 bits under any precision,
-# and Lightning 2.6 calls a torch pytree API that torch 2.10 deprecated.
-warnings.filterwarnings("ignore", message="Precision .* is not supported by the model summary")
-warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-
-# Lightning's messages that tell nothing about this run: kept in train.log, left off the terminal
-NOT_ON_THE_TERMINAL = ("GPU available:", "TPU available:", "HPU available:", "💡 Tip:",
-                       "Trainer already configured with model summary callbacks")
 
 
 def is_positive_int(value) -> bool:
@@ -100,54 +85,6 @@ def callbacks_for(trainer_cfg: DictConfig, callbacks: list) -> list:
     return [c for c in callbacks if not isinstance(c, off)] if off else callbacks
 
 
-def log_at_steps_done(trainer: L.Trainer) -> None:
-    """Make every logger write metrics at trainer.global_step, the optimizer steps done. Lightning writes those
-    of training and validation at the count of batches that stepped before the current one (9 for the
-    metrics of the 10th step), and those of a validation after fit at the steps done (10)."""
-    for logger in trainer.loggers:
-        def log_metrics(metrics: dict, step: int | None = None, write=logger.log_metrics) -> None:
-            write(metrics, step=trainer.global_step)
-
-        logger.log_metrics = log_metrics
-
-
-def keep_wandb_run(cfg: DictConfig, config: dict, resumed_config: dict | None) -> None:
-    """Give the wandb logger (cfg, and the run's resolved `config` that checkpoints keep) the run id of the run
-    resumed from, kept in its checkpoint's config, or a new one: a resumed run logs into the same wandb run
-    (resume: allow)."""
-    if "wandb" not in (config.get("logger") or {}) or config["logger"]["wandb"].get("id") is not None:
-        return
-    kept = ((resumed_config or {}).get("logger") or {}).get("wandb") or {}
-    run_id = kept.get("id") or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-    cfg.logger.wandb.id = config["logger"]["wandb"]["id"] = run_id
-
-
-@rank_zero_only
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)  # never a half-written file under the final name
-
-
-@rank_zero_only
-def log_results(loggers: list, metrics: dict) -> None:
-    """Once per run, at its end: tokens seen join every logger's hyperparameters, and metrics.json becomes the
-    wandb run's summary (the columns of the dashboard's run table)."""
-    for logger in loggers:
-        logger.log_hyperparams({"tokens_seen": metrics["tokens_seen"]})
-        if isinstance(logger, WandbLogger):
-            logger.experiment.summary.update(metrics)
-
-
-@rank_zero_only
-def finish_wandb(exit_code: int) -> None:
-    """End this process's wandb run, if one was started: its files are complete, and it shows as failed when
-    exit_code != 0. Without it, the next run of a multirun would log into this one."""
-    wandb = sys.modules.get("wandb")  # never imported: no run
-    if wandb is not None and wandb.run is not None:
-        wandb.finish(exit_code=exit_code)
-
-
 def validate_the_end(trainer: L.Trainer, model: LanguageModel, datamodule) -> None:
     """Validate the last step if the schedule did not, and let that loss count for best.ckpt and last.ckpt
     (ModelCheckpoint only sees validations inside fit)."""
@@ -164,27 +101,6 @@ def validate_the_end(trainer: L.Trainer, model: LanguageModel, datamodule) -> No
     if checkpoint.save_last:
         checkpoint.last_model_path = checkpoint.format_checkpoint_name({}, checkpoint.CHECKPOINT_NAME_LAST)
         trainer.save_checkpoint(checkpoint.last_model_path, weights_only=False)
-
-
-@rank_zero_only
-def log_summary(metrics: dict, output_dir: str, checkpoint) -> None:
-    """What the run made, in a few lines: its losses, where it is, its speed and how to sample from it."""
-    best = checkpoint.best_model_path if checkpoint and checkpoint.best_model_path else None
-    last = checkpoint.last_model_path if checkpoint and checkpoint.last_model_path else None
-    if metrics["val_loss"] is None:
-        log.info("val loss: none (trainer.limit_val_batches=0: no validation)")
-    else:
-        best_loss = metrics["best_val_loss"]
-        log.info(f"val loss: {metrics['val_loss']:.4f}" + (f", best {best_loss:.4f}" if best_loss is not None
-                                                            else ""))
-    log.info(f"run folder: {output_dir}")
-    if best or last:
-        log.info(f"{'best' if best else 'last'} checkpoint: {best or last}")
-    if metrics["tokens_per_sec"] is not None:
-        log.info(f"tokens/s: {metrics['tokens_per_sec']:,.0f} ({metrics['tokens_seen']:,} tokens in "
-                 f"{metrics['wall_s']} s)")
-    if best or last:
-        log.info(f"sample from it: python -m lam.generate ckpt={best or last}")
 
 
 def start_from(cfg: DictConfig) -> Start:
@@ -256,30 +172,6 @@ def train(cfg: DictConfig) -> float | None:
         raise
     finish_wandb(exit_code=0)
     return metrics["val_loss"]
-
-
-class LeaveOff(logging.Filter):
-    """Drops the records whose message starts with one of `prefixes`."""
-
-    def __init__(self, prefixes: tuple[str, ...]):
-        super().__init__()
-        self.prefixes = prefixes
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefixes)
-
-
-def log_to_the_run() -> None:
-    """Lightning's loggers print through handlers of their own (set up at import, before Hydra configured
-    logging): hand their records to the root logger instead, whose handlers Hydra points at the terminal and at
-    the run's train.log. The terminal leaves out NOT_ON_THE_TERMINAL."""
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        logger = logging.getLogger(name)
-        logger.handlers.clear()
-        logger.propagate = True
-    for handler in logging.getLogger().handlers:
-        if not isinstance(handler, logging.FileHandler):
-            handler.addFilter(LeaveOff(NOT_ON_THE_TERMINAL))
 
 
 def log_failure_to_file(exc: BaseException) -> None:

@@ -97,10 +97,10 @@ def validate_the_end(trainer: L.Trainer, model: LanguageModel, datamodule) -> No
     if checkpoint.monitor == "val/loss" and checkpoint.mode == "min" \
             and (checkpoint.best_model_score is None or loss < checkpoint.best_model_score):
         checkpoint.best_model_path, checkpoint.best_model_score = checkpoint.format_checkpoint_name({}), loss
-        trainer.save_checkpoint(checkpoint.best_model_path, weights_only=False)
+        trainer.save_checkpoint(checkpoint.best_model_path)
     if checkpoint.save_last:
         checkpoint.last_model_path = checkpoint.format_checkpoint_name({}, checkpoint.CHECKPOINT_NAME_LAST)
-        trainer.save_checkpoint(checkpoint.last_model_path, weights_only=False)
+        trainer.save_checkpoint(checkpoint.last_model_path)
 
 
 def start_from(cfg: DictConfig) -> Start:
@@ -145,7 +145,8 @@ def train(cfg: DictConfig) -> float | None:
         for logger in trainer.loggers:  # once per run: the resolved config, the model's size and cost
             logger.log_hyperparams({**config, **size})
         began = time.perf_counter()
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        # a resumed checkpoint is unpickled as tensors and plain values only: it runs no code
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
         wall_s = time.perf_counter() - began
         validate_the_end(trainer, model, datamodule)
 

@@ -204,7 +204,7 @@ def test_a_whole_run_trains_in_float16_with_a_grad_scaler(tmp_path, corpus):
                          "+callbacks.dtype._target_=test_ddp.RecordDtype"], tmp_path)
     assert train(cfg) < 3.5  # from ln(vocab size) = 3.6
     assert set(RecordDtype.seen) == {torch.float16}
-    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == STEPS and checkpoint["MixedPrecision"]["scale"] == 2.0**16  # no inf met
     assert json.loads((tmp_path / "samples.jsonl").read_text().splitlines()[-1])["step"] == STEPS
 

@@ -83,7 +83,7 @@ def test_file_that_is_not_a_lam_checkpoint(tmp_path):
 def test_checkpoint_that_does_not_match_its_model(tmp_path, corpus):
     train_on(corpus, tmp_path, "trainer.max_steps=2")
     path = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    checkpoint = torch.load(path, weights_only=False)
+    checkpoint = torch.load(path, weights_only=True)
     checkpoint["lam"]["config"]["model"]["n_embd"] = 64
     torch.save(checkpoint, path)
     with pytest.raises(UserError, match="does not match its model config: size mismatch"):

@@ -33,7 +33,7 @@ def base(tmp_path_factory, corpus):
 
 
 def weights(path) -> dict[str, torch.Tensor]:
-    checkpoint = torch.load(path, weights_only=False)
+    checkpoint = torch.load(path, weights_only=True)
     return {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items()}
 
 
@@ -56,10 +56,10 @@ def test_fine_tune_trains_from_step_0_with_the_files_model_and_tokenizer(base, c
     other.write_text(corpus.read_text()[::-1].lower())
     # the run's own model config (4 layers of 128) gives way to the file's (1 layer of 32)
     tuned = run(tmp_path / "tuned", other, f"init_from={base}", base=FINE_TUNE)
-    checkpoint = torch.load(tuned, weights_only=False)
+    checkpoint = torch.load(tuned, weights_only=True)
     assert checkpoint["global_step"] == 3  # a fresh start, not the base's step 10 + 3
-    assert checkpoint["lam"]["config"]["model"] == torch.load(base, weights_only=False)["lam"]["config"]["model"]
-    assert checkpoint["lam"]["tokenizer"] == torch.load(base, weights_only=False)["lam"]["tokenizer"]
+    assert checkpoint["lam"]["config"]["model"] == torch.load(base, weights_only=True)["lam"]["config"]["model"]
+    assert checkpoint["lam"]["tokenizer"] == torch.load(base, weights_only=True)["lam"]["tokenizer"]
     before, after = weights(base), weights(tuned)
     assert after.keys() == before.keys()
     # 3 small steps away from the file's weights (a fresh init would be ~0.1 away), and each matrix moved
@@ -111,5 +111,5 @@ def test_an_interrupted_fine_tune_resumes_with_its_own_command_and_ckpt_path(bas
     first = run(tmp_path / "first", corpus, *command, base=FINE_TUNE)
     resumed = run(tmp_path / "resumed", corpus, *command, f"ckpt_path={first}", "trainer.max_steps=5",
                   base=FINE_TUNE)
-    assert torch.load(resumed, weights_only=False)["global_step"] == 5
+    assert torch.load(resumed, weights_only=True)["global_step"] == 5
     assert [step for step, _ in column(read_metrics(tmp_path / "resumed"), "train/loss")] == [4, 5]

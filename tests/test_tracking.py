@@ -303,7 +303,8 @@ def cli_train(out: Path, corpus: Path, *overrides: str) -> subprocess.CompletedP
 def test_train_log_holds_the_runs_log_and_the_terminal_only_what_informs(tmp_path, corpus):
     """train.log: Lightning's messages, the summary; a failed run's error line or traceback. The terminal:
     the summary, without Lightning's device lines, tips and warnings that say nothing about the run."""
-    done = cli_train(tmp_path / "run", corpus, "trainer.max_steps=10")
+    # 12 steps: validations at 10 and at the end, whose best.ckpt and last.ckpt lam.train saves itself
+    done = cli_train(tmp_path / "run", corpus, "trainer.max_steps=12")
     assert done.returncode == 0, done.stderr[-3000:]
     log = (tmp_path / "run" / "train.log").read_text()
     best = tmp_path / "run" / "checkpoints" / "best.ckpt"

@@ -133,7 +133,7 @@ def test_resume_with_accumulated_gradients_matches_uninterrupted_run(tmp_path, c
     _, whole = run(tmp_path, corpus, *steps, name="whole")
     _, first = run(tmp_path, corpus, *steps, "+callbacks.stop._target_=helpers.StopAt", "+callbacks.stop.step=10",
                    name="first")
-    assert torch.load(first / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 10
+    assert torch.load(first / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10
     _, second = run(tmp_path, corpus, *steps, f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}", name="second")
     assert_continues(second, whole, at=10, precision=precision)
 
@@ -150,8 +150,8 @@ def test_ctrl_c_leaves_a_checkpoint_at_that_step_to_resume_from(tmp_path, corpus
     finally:
         signal.signal(signal.SIGINT, sigint)  # Lightning ignores further Ctrl-C while it shuts down
     checkpoints = tmp_path / "first" / "checkpoints"
-    assert torch.load(checkpoints / "interrupted.ckpt", weights_only=False)["global_step"] == 25
-    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 20
+    assert torch.load(checkpoints / "interrupted.ckpt", weights_only=True)["global_step"] == 25
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 20
     _, second = run(tmp_path, corpus, *steps, f"ckpt_path={checkpoints / 'interrupted.ckpt'}", name="second")
     assert_continues(second, whole_run, at=25, precision=resume_precision)
 
@@ -250,6 +250,6 @@ def test_training_without_validation(tmp_path, corpus):
     metrics = json.loads((out / "metrics.json").read_text())
     assert val_loss is None and metrics["val_loss"] is None and metrics["best_val_loss"] is None
     assert metrics["steps"] == 12 and not column(read_metrics(out), "val/loss")
-    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 12
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
     assert not (out / "checkpoints" / "best.ckpt").exists()
     assert [json.loads(line)["step"] for line in (out / "samples.jsonl").read_text().splitlines()] == [12]

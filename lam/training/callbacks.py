@@ -181,4 +181,4 @@ class InterruptedCheckpoint(L.Callback):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if trainer.state.fn == TrainerFn.FITTING and trainer.global_step > 0:
-            trainer.save_checkpoint(self.path, weights_only=False)
+            trainer.save_checkpoint(self.path)

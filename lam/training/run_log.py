@@ -12,8 +12,10 @@ warnings.filterwarnings("ignore", message="Precision .* is not supported by the 
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 # Lightning's messages that tell nothing about this run: kept in train.log, left off the terminal
+# (the last: lam's own full checkpoints, the interrupted one and the end's best/last, are saved with
+# Lightning's default, every state; Lightning says so at each save)
 NOT_ON_THE_TERMINAL = ("GPU available:", "TPU available:", "HPU available:", "💡 Tip:",
-                       "Trainer already configured with model summary callbacks")
+                       "Trainer already configured with model summary callbacks", "`weights_only` was not set")
 
 
 class LeaveOff(logging.Filter):

@@ -9,9 +9,7 @@ corpus is encoded with the model's own tokenizer. Prints one line and writes the
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -19,11 +17,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from lam.config import compose_train, report_user_errors
 from lam.errors import UserError
+from lam.export import corpus_name
 from lam.generate import load_model
 from lam.serving.model import Model
+from lam.training.tracking import write_json
 
 OWN_KEYS = {"model": None, "ckpt": None, "out": "eval.json", "device": "cpu"}
 
@@ -73,11 +74,9 @@ def run(argv: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         cfg = compose_train([*overrides, "data.save_dir=null"], folder)
         datamodule = instantiate(cfg.data, tokenizer=model.tokenizer)
-        result = {"model": source, "corpus": cfg.data.get("path") or cfg.data.get("source", {}).get("url"),
+        result = {"model": source, "corpus": corpus_name(OmegaConf.to_container(cfg.data, resolve=True)),
                   "block_size": cfg.data.block_size, **evaluate(model, datamodule)}
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, out)  # a reader sees the old file or the new one
+    write_json(out, result)  # a reader sees the old file or the new one
     print(f"{source}: val loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
           f"{result['bits_per_char']:.4f} bits per character over {result['tokens']:,} tokens; wrote {out}")
     return result

@@ -21,9 +21,11 @@ from lam.training.checkpoint import read_checkpoint
 
 
 def corpus_name(data: dict) -> str:
-    """What the run trained on: the path of a custom corpus, the address of a downloaded one, else its class."""
+    """What a data config reads: the path of a custom corpus, the address of a downloaded one (a `source` node in
+    the configs of checkpoints written before 2026-12-02), else its class."""
     source = data.get("source") if isinstance(data.get("source"), dict) else {}
-    return str(data.get("path") or source.get("url") or source.get("_target_") or data.get("_target_"))
+    return str(data.get("path") or data.get("url") or source.get("url") or source.get("_target_")
+               or data.get("_target_"))
 
 
 def validation_loss(checkpoint: dict) -> float | None:

@@ -18,7 +18,7 @@ import lam
 from helpers import TINY_MODEL, compose_train
 from lam.data.tokenizer import CharTokenizer
 from lam.errors import UserError
-from lam.export import export
+from lam.export import corpus_name, export
 from lam.serving import model_file
 from lam.serving.build import build
 
@@ -194,3 +194,14 @@ def test_lam_load_needs_neither_lightning_nor_hydra(tmp_path):
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.lam")], capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+
+
+@pytest.mark.parametrize("data, corpus", [
+    ("stan", "https://raw.githubusercontent.com/soumyadip1995/BabyGPT/main/data/text.txt"),
+    ("custom", "notes.txt"),
+])
+def test_the_record_names_the_corpus_a_data_config_reads(data, corpus, tmp_path):
+    cfg = compose_train([f"data={data}", "data.path=notes.txt"] if data == "custom" else [f"data={data}"], tmp_path)
+    assert corpus_name(OmegaConf.to_container(cfg.data, resolve=True)) == corpus
+    old = {"_target_": "lam.data.TextDataModule", "source": {"_target_": "lam.data.Download", "url": corpus}}
+    assert corpus_name(old) == corpus  # a checkpoint's config from before the source keys moved up

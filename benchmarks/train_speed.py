@@ -44,15 +44,10 @@ import tempfile
 import time
 from pathlib import Path
 
-TARGET = 1.886  # nanoGPT's val loss for this recipe after 2000 steps
+TARGET = 1.886  # nanoGPT's val loss for this recipe after 2000 steps (nanoGPT README: 1.88)
 RECIPE = ["experiment=shakespeare_char_cpu"]  # nanoGPT's: the plain loop's always, LAM's in speed mode
-FAST = ["experiment=shakespeare_char_fast"]  # LAM's in quality mode
-LAM_STEPS = {"softmax": 1000, "linear": 2000}  # quality mode: the fast preset's schedule length per attention
-QUALITY = ["data.eval_batches=4", "trainer.val_check_interval=50",
-           "+callbacks.early_stop._target_=lightning.pytorch.callbacks.EarlyStopping",
-           "+callbacks.early_stop.monitor=val/loss", f"+callbacks.early_stop.stopping_threshold={TARGET}",
-           "+callbacks.early_stop.patience=1000000", "callbacks.samples.every_n_validations=0"]
-EVAL_EVERY, EVAL_BATCHES = 50, 4
+SPEEDRUN = "shakespeare_char_speedrun"  # LAM's preset in quality mode
+NANOGPT_EVAL = {"eval_every": 250, "eval_batches": 20}  # nanoGPT's eval_interval and the recipe's eval_iters
 
 
 # ---- the two workers, each in its own process ------------------------------------------------------------------
@@ -111,9 +106,11 @@ def run_lam(spec: dict) -> dict:
     with open(Path(spec["output_dir"]) / "csv" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     elapsed = {int(r["step"]) + 1: float(r["elapsed_s"]) for r in rows if r.get("elapsed_s")}
-    vals = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
+    curve = [[int(r["step"]), float(r["val/loss"])] for r in rows if r.get("val/loss")]
+    vals = [v for _, v in curve]
     metrics = json.loads((Path(spec["output_dir"]) / "metrics.json").read_text())
-    out = {"steps": metrics["steps"], "best_val": min(vals), "run_s": time.perf_counter() - start}
+    out = {"steps": metrics["steps"], "best_val": min(vals), "final_val": vals[-1], "curve": curve,
+           "run_s": time.perf_counter() - start}
     if spec.get("profile"):
         out["profile"] = json.loads(Path(spec["profile"]).read_text())
     warm = min((s for s in elapsed if s >= spec["warmup"]), default=None)
@@ -143,8 +140,9 @@ def run_plain(spec: dict) -> dict:
     net = LAM(vocab_size=spec["vocab_size"], block_size=T,
               attention=functools.partial(getattr(importlib.import_module(module), name), **attention),
               **spec["model"])
-    decay = [p for p in net.parameters() if p.dim() >= 2 and p is not net.wte.weight]
-    other = [p for p in net.parameters() if p.dim() < 2 or p is net.wte.weight]
+    # nanoGPT's groups: every parameter of 2 or more dimensions decays, embeddings included
+    decay = [p for p in net.parameters() if p.dim() >= 2]
+    other = [p for p in net.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": hp["weight_decay"]},
                                    {"params": other, "weight_decay": 0.0}], lr=hp["lr"], betas=hp["betas"])
 
@@ -155,12 +153,13 @@ def run_plain(spec: dict) -> dict:
         return x, y
 
     def get_lr(step: int) -> float:
-        if step < hp["warmup"]:
-            return hp["lr"] * (step + 1) / hp["warmup"]
+        if step < hp["warmup"]:  # nanoGPT's warmup
+            return hp["lr"] * (step + 1) / (hp["warmup"] + 1)
         progress = min(1.0, (step - hp["warmup"]) / max(1, hp["total"] - hp["warmup"]))
         return hp["lr"] * (hp["min_ratio"] + (1 - hp["min_ratio"]) * 0.5 * (1 + math.cos(math.pi * progress)))
 
-    starts = np.linspace(0, len(val_data) - T - 1, EVAL_BATCHES * B).astype(np.int64)
+    # lam's validation windows (TextDataModule.val_dataloader: EvenWindows of eval_batches x batch_size)
+    starts = np.linspace(0, len(val_data) - T - 1, spec["eval_batches"] * B).astype(np.int64)
     val_windows = torch.from_numpy(np.stack([val_data[s:s + T + 1] for s in starts]).astype(np.int64))
 
     @torch.no_grad()
@@ -171,7 +170,7 @@ def run_plain(spec: dict) -> dict:
         net.train()
         return sum(losses) / len(losses)
 
-    best, warm_t, step, profile = math.inf, None, 0, OpProfile()
+    best, warm_t, step, profile, curve = math.inf, None, 0, OpProfile(), []
     while step < spec["steps"]:
         if spec.get("profile") and step == spec["warmup"]:
             profile.start()
@@ -187,13 +186,14 @@ def run_plain(spec: dict) -> dict:
         step += 1
         if step == spec["warmup"]:
             warm_t = time.perf_counter()
-        if spec["quality"] and step % EVAL_EVERY == 0:
-            best = min(best, evaluate())
-            if best < TARGET:
-                break
+        if spec["quality"] and (step % spec["eval_every"] == 0 or step == spec["steps"]):
+            loss = evaluate()
+            curve.append([step, loss, time.perf_counter() - start])
+            best = min(best, loss)
     end = time.perf_counter()
     profiled = profile.stop(step - spec["warmup"]) if spec.get("profile") else None
-    out = {"steps": step, "best_val": best if spec["quality"] else evaluate(), "run_s": end - start}
+    out = {"steps": step, "best_val": best if spec["quality"] else evaluate(), "run_s": end - start,
+           "curve": curve}
     if profiled:
         out["profile"] = profiled
     if warm_t is not None and step > spec["warmup"]:
@@ -238,6 +238,7 @@ def plain_spec(cfg, attention_cfg: dict) -> dict:
     return {"train_bin": str(data.cache_dir / "train.bin"), "val_bin": str(data.cache_dir / "val.bin"),
             "dtype": meta["dtype"], "vocab_size": meta["vocab_size"], "seed": cfg.seed,
             "batch_size": cfg.data.batch_size, "block_size": cfg.data.block_size, "model": model,
+            "eval_batches": cfg.data.eval_batches,
             "attention": attention_cfg,
             "hp": {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "weight_decay": cfg.optim.weight_decay,
                    "warmup": cfg.scheduler.warmup_steps, "total": cfg.trainer.max_steps,
@@ -287,7 +288,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="speed mode: training steps per run")
     parser.add_argument("--warmup", type=int, default=50, help="steps left out of the steady state")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--max-plain", type=int, default=3000, help="quality mode: the plain loop's step cap")
+    parser.add_argument("--preset", default=SPEEDRUN, help="quality mode: LAM's experiment preset")
     parser.add_argument("--quick", action="store_true", help="1 repeat of 100 steps")
     parser.add_argument("--lam", nargs="*", default=[], help="extra lam.train overrides (LAM side only)")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
@@ -297,9 +298,9 @@ def main() -> None:
         return worker(args.worker[0], json.loads(args.worker[1]))
     if args.quick:
         args.repeats, args.steps, args.warmup = 1, 100, 30
-    quality, profiling = args.mode == "quality", args.mode == "profile"
-    if quality:
-        args.repeats = 1
+    if args.mode == "quality":
+        return quality_main(args)
+    profiling = args.mode == "profile"
 
     import torch
     from hydra.utils import instantiate
@@ -315,19 +316,16 @@ def main() -> None:
     logging = ["callbacks.throughput.window=10", "trainer.log_every_n_steps=10"]
     specs, flops = {}, {}
     for attention in args.attention:
-        if quality:
-            lam = [*FAST, *logging, *QUALITY, f"trainer.max_steps={LAM_STEPS[attention]}"]
-        else:  # no validation inside the measured steps: one at the end (lam.train's final measure)
-            lam = [*RECIPE, *logging, f"trainer.max_steps={args.steps}", f"trainer.val_check_interval={args.steps}"]
-        lam += [*args.lam, f"attention={attention}"]
+        # no validation inside the measured steps: one at the end (lam.train's final measure)
+        lam = [*RECIPE, *logging, f"trainer.max_steps={args.steps}", f"trainer.val_check_interval={args.steps}",
+               *args.lam, f"attention={attention}"]
         cfg = compose_train([*RECIPE, f"attention={attention}"], tmp / "compose")
         plain = plain_spec(cfg, OmegaConf.to_container(cfg.attention, resolve=True))
         net = instantiate(cfg.model, vocab_size=plain["vocab_size"])
         flops[attention] = flops_per_token(net, cfg.data.block_size)
         specs[attention] = {
             "lam": {"overrides": lam, "warmup": args.warmup},
-            "plain": {**plain, "steps": args.max_plain if quality else args.steps, "warmup": args.warmup,
-                      "quality": quality}}
+            "plain": {**plain, "steps": args.steps, "warmup": args.warmup, "quality": False}}
         threads = cfg.get("threads")
     peak = matmul_peak(threads)
     console.print(f"load average before: {os.getloadavg()}")
@@ -359,32 +357,19 @@ def main() -> None:
     peak = max(peak, matmul_peak(threads))  # before and after the runs: the quieter moment counts
 
     block, batch = specs[args.attention[0]]["plain"]["block_size"], specs[args.attention[0]]["plain"]["batch_size"]
-    table = Table(title=f"{args.mode}: LAM vs plain PyTorch, recipe sizes, "
-                        f"{args.repeats} repeat(s), {'median' if not quality else 'one run'}")
-    if not quality:
-        for col in ("attention", "variant", "ms/step", "tokens/s", "MFU %", "peak RSS MiB", "LAM ÷ plain tok/s"):
-            table.add_column(col, justify="left" if col in ("attention", "variant") else "right")
-    else:
-        for col in ("attention", "variant", "steps", "best val", "reached", "wall s", "ms/step",
-                    "LAM ÷ plain wall"):
-            table.add_column(col, justify="left" if col in ("attention", "variant") else "right")
+    table = Table(title=f"speed: LAM vs plain PyTorch, recipe sizes, {args.repeats} repeat(s), median")
+    for col in ("attention", "variant", "ms/step", "tokens/s", "MFU %", "peak RSS MiB", "LAM ÷ plain tok/s"):
+        table.add_column(col, justify="left" if col in ("attention", "variant") else "right")
     for attention in args.attention:
-        med = {k: {m: statistics.median(x[m] for x in results[(attention, k)] if m in x)
-                   for m in ("ms_step", "rss_mib", "wall_s", "best_val", "steps")}
+        med = {k: {m: statistics.median(x[m] for x in results[(attention, k)]) for m in ("ms_step", "rss_mib")}
                for k in ("lam", "plain")}
         for kind in ("lam", "plain"):
             m = med[kind]
             tps = batch * block / (m["ms_step"] / 1000)
-            if not quality:
-                ratio = med["plain"]["ms_step"] / med["lam"]["ms_step"]
-                table.add_row(attention, kind, f"{m['ms_step']:.1f}", f"{tps:,.0f}",
-                              f"{100 * tps * flops[attention] / (peak * 1e9):.1f}", f"{m['rss_mib']:.0f}",
-                              f"{ratio:.2f}" if kind == "lam" else "")
-            else:
-                ratio = med["lam"]["wall_s"] / med["plain"]["wall_s"]
-                table.add_row(attention, kind, f"{m['steps']:.0f}", f"{m['best_val']:.3f}",
-                              "yes" if m["best_val"] < TARGET else "no", f"{m['wall_s']:.1f}",
-                              f"{m['ms_step']:.1f}", f"{ratio:.2f}" if kind == "lam" else "")
+            ratio = med["plain"]["ms_step"] / med["lam"]["ms_step"]
+            table.add_row(attention, kind, f"{m['ms_step']:.1f}", f"{tps:,.0f}",
+                          f"{100 * tps * flops[attention] / (peak * 1e9):.1f}", f"{m['rss_mib']:.0f}",
+                          f"{ratio:.2f}" if kind == "lam" else "")
     console.print(table)
     console.print("FLOPs/token (training, lam.models.flops): "
                   + ", ".join(f"{a}: {f / 1e6:.2f} M" for a, f in flops.items())
@@ -393,6 +378,59 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"peak_gflops": peak, "flops": flops, "results": {
             f"{a}/{k}": v for (a, k), v in results.items()}}, indent=1))
+
+
+def quality_main(args) -> None:
+    """Time to val loss <= TARGET. The plain loop runs nanoGPT's recipe to its end, evaluating as nanoGPT does
+    (every 250 steps, 20 batches of 12 windows: lam's validation windows); LAM runs `--preset` as it stands,
+    its own evaluation schedule included, and counts if its last validation is <= TARGET. Each side's time is
+    the whole subprocess up to the moment the target is met: LAM's whole run; the plain loop's start-up plus
+    the time of its first evaluation <= TARGET (its whole run if none is)."""
+    from omegaconf import OmegaConf
+    from rich.console import Console
+    from rich.table import Table
+
+    from lam.config import compose_train
+
+    console = Console()
+    tmp = Path(tempfile.mkdtemp(prefix="lam-quality-"))
+    cfg = compose_train(RECIPE, tmp / "compose")  # nanoGPT's recipe: softmax attention
+    nanogpt = {**plain_spec(cfg, OmegaConf.to_container(cfg.attention, resolve=True)), **NANOGPT_EVAL, "steps": cfg.trainer.max_steps,
+               "warmup": args.warmup, "quality": True}
+    lam = {"overrides": [f"experiment={args.preset}", "callbacks.throughput.window=10", *args.lam],
+           "warmup": args.warmup}
+    console.print(f"load average before: {os.getloadavg()}")
+    runs = {"lam": [], "plain": []}
+    for r in range(args.repeats):
+        for kind in (("lam", "plain") if r % 2 == 0 else ("plain", "lam")):
+            spec = {**lam, "output_dir": str(tmp / f"lam-{r}")} if kind == "lam" else nanogpt
+            res = launch(kind, spec)
+            if kind == "lam":
+                res["reached"], res["to_target_s"] = res["final_val"] <= TARGET, res["wall_s"]
+            else:
+                startup = res["wall_s"] - res["run_s"]
+                hit = next(((step, t) for step, loss, t in res["curve"] if loss <= TARGET), None)
+                res["reached"] = hit is not None
+                res["to_target_s"] = startup + hit[1] if hit else res["wall_s"]
+            runs[kind].append(res)
+            console.print(f"repeat {r} {kind:5s} curve " + ", ".join(f"{c[0]}: {c[1]:.4f}" for c in res["curve"])
+                          + f"; wall {res['wall_s']:.1f} s")
+    console.print(f"load average after: {os.getloadavg()}")
+    table = Table(title=f"quality: time to val loss <= {TARGET} (20 x 12 windows), {args.repeats} repeat(s), "
+                        "median")
+    for col in ("variant", "steps", "last val", "reached", "ms/step", "s to target", "LAM ÷ plain"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    med = {k: {m: statistics.median(float(x[m]) for x in v)
+               for m in ("steps", "best_val", "ms_step", "to_target_s")} for k, v in runs.items()}
+    for kind, name in (("lam", f"lam experiment={args.preset}"), ("plain", "plain loop, nanoGPT's recipe")):
+        m = med[kind]
+        last = statistics.median(x["curve"][-1][1] for x in runs[kind])
+        table.add_row(name, f"{m['steps']:.0f}", f"{last:.4f}", "yes" if all(x["reached"] for x in runs[kind])
+                      else "no", f"{m['ms_step']:.1f}", f"{m['to_target_s']:.1f}",
+                      f"{med['lam']['to_target_s'] / med['plain']['to_target_s']:.2f}" if kind == "lam" else "")
+    console.print(table)
+    if args.json:
+        args.json.write_text(json.dumps(runs, indent=1))
 
 
 if __name__ == "__main__":

@@ -169,3 +169,31 @@ def test_throughput_is_tokens_over_wall_time(tmp_path, corpus):
         assert BATCH * BLOCK * WINDOW / tokens_per_sec == pytest.approx(clock, rel=0.02, abs=0.01)
     elapsed = column(rows, "elapsed_s")[-1][1]
     assert elapsed == pytest.approx(Clock.times[-1] - Clock.times[0], rel=0.02, abs=0.01)  # as the first window
+
+
+@pytest.mark.parametrize("attention", ["softmax", "window"])
+def test_cpu_float32_attends_in_float32_and_gives_back_the_autocast_dtype(attention):
+    """attention.cpu_float32 (softmax, window): under bf16 autocast on a CPU the attention core runs on float32
+    copies of q, k, v, the rest of the layer in bf16; false leaves all of it in bf16."""
+    from lam.models.attention import SlidingWindowAttention
+    from lam.models.attention.softmax import attend
+
+    q, k, v = (torch.randn(2, 2, 8, 4).bfloat16() for _ in range(3))
+    up = attend(q, k, v, True, is_causal=True)
+    assert up.dtype == torch.bfloat16
+    assert torch.equal(up, F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True).bfloat16())
+    assert torch.equal(attend(q, k, v, False, is_causal=True), F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+    cls = SoftmaxAttention if attention == "softmax" else functools.partial(SlidingWindowAttention, window=8)
+    x = torch.randn(2, 8, 16)
+    outputs = {}
+    for flag in (True, False):
+        torch.manual_seed(0)
+        layer = cls(d_model=16, n_head=2, cpu_float32=flag)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs[flag] = layer(x)[0]
+    torch.manual_seed(0)
+    fp32 = cls(d_model=16, n_head=2)(x)[0]
+    assert not torch.equal(outputs[True], outputs[False])  # the flag reaches the layer
+    for y in outputs.values():
+        assert y.dtype == torch.bfloat16 and torch.allclose(y.float(), fp32, atol=0.05)

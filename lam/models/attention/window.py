@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from lam.models.attention.base import Attention, pairwise_flops
+from lam.models.attention.softmax import attend
 
 
 class WindowCache(NamedTuple):
@@ -34,13 +35,13 @@ def band(T: int, S: int, window: int, device=None) -> torch.Tensor:
 
 class SlidingWindowAttention(Attention):
     """window: keys each query attends to, itself included (W >= 1; W >= sequence length is plain causal
-    softmax attention)."""
+    softmax attention). cpu_float32: attend in float32 on a CPU under bf16/fp16 autocast (softmax.attend)."""
 
-    def __init__(self, d_model: int, n_head: int, window: int = 256, **kwargs):
+    def __init__(self, d_model: int, n_head: int, window: int = 256, cpu_float32: bool = True, **kwargs):
         super().__init__(d_model, n_head, **kwargs)
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
-        self.window = window
+        self.window, self.cpu_float32 = window, cpu_float32
 
     def mixing_flops(self, context: int) -> float:
         return pairwise_flops(self.n_head, self.head_dim, context, lambda t: min(t + 1, self.window))
@@ -48,13 +49,13 @@ class SlidingWindowAttention(Attention):
     def mix(self, q, k, v, state: WindowCache | None, gates=None):
         dropout = self.dropout if self.training else 0.0
         if state is None and q.shape[2] <= self.window:  # the band is the whole causal triangle
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            y = attend(q, k, v, self.cpu_float32, dropout_p=dropout, is_causal=True)
         elif state is None:
             y = self.blocked(q, k, v, dropout)
         else:
             k, v = torch.cat((state.k, k), dim=2), torch.cat((state.v, v), dim=2)
             mask = band(q.shape[2], k.shape[2], self.window, q.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+            y = attend(q, k, v, self.cpu_float32, attn_mask=mask, dropout_p=dropout)
         T, S = q.shape[2], k.shape[2]
         keep = min(S, self.window - 1)  # a copy, so the trimmed cache does not pin the whole prompt's keys
         offset = T if state is None else state.offset + T
@@ -74,5 +75,5 @@ class SlidingWindowAttention(Attention):
         block, key = torch.arange(N, device=q.device), torch.arange(2 * W, device=q.device)
         first = (block > 0)[:, None, None] | (key >= W)
         mask = band(W, 2 * W, W, q.device) & first
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        y = attend(q, k, v, self.cpu_float32, attn_mask=mask, dropout_p=dropout)
         return y.reshape(B, H, N * W, D)[:, :, :T]

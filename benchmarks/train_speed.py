@@ -395,8 +395,8 @@ def quality_main(args) -> None:
     console = Console()
     tmp = Path(tempfile.mkdtemp(prefix="lam-quality-"))
     cfg = compose_train(RECIPE, tmp / "compose")  # nanoGPT's recipe: softmax attention
-    nanogpt = {**plain_spec(cfg, OmegaConf.to_container(cfg.attention, resolve=True)), **NANOGPT_EVAL, "steps": cfg.trainer.max_steps,
-               "warmup": args.warmup, "quality": True}
+    nanogpt = {**plain_spec(cfg, OmegaConf.to_container(cfg.attention, resolve=True)), **NANOGPT_EVAL,
+               "steps": cfg.trainer.max_steps, "warmup": args.warmup, "quality": True}
     lam = {"overrides": [f"experiment={args.preset}", "callbacks.throughput.window=10", *args.lam],
            "warmup": args.warmup}
     console.print(f"load average before: {os.getloadavg()}")

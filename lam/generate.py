@@ -107,7 +107,7 @@ def main(cfg: DictConfig) -> None:
         check_same_tokenizer(cfg.tokenizer_file, model.tokenizer, source)
     generator = torch.Generator(cfg.device).manual_seed(cfg.seed)
     options = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, use_cache=cfg.use_cache,
-                   generator=generator, stop=command_line_stops(cfg.stop))
+                   compile=cfg.compile, generator=generator, stop=command_line_stops(cfg.stop))
     if cfg.num_samples == 1:
         sample(model.net, model.tokenizer, cfg.prompt, cfg.max_new_tokens, **options)
         return

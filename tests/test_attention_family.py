@@ -24,6 +24,7 @@ from decoding import assert_cached_logits_match, context_sensitive_lam
 from lam.models import LAM, generate
 from lam.models.attention import (
     GatedLinearAttention,
+    KVCache,
     LinearAttention,
     Retention,
     SlidingWindowAttention,
@@ -107,6 +108,11 @@ def step_by_step(layer, q, k, v, extra):
     return torch.cat(ys, dim=2), state
 
 
+def contents(state) -> tuple:
+    """The tensors a state holds: a KV cache's keys and values seen (not its room), a recurrent state's own."""
+    return state.keys_values() if isinstance(state, KVCache) else tuple(state[:-1])
+
+
 # --------------------------------------------------------------------------------------------------- forms
 @pytest.mark.parametrize("T", [4 * CHUNK, 4 * CHUNK + 5, 3])
 @pytest.mark.parametrize("name", CASES)
@@ -120,7 +126,7 @@ def test_parallel_and_recurrent_forms_equal_the_reference(name, T):
     torch.testing.assert_close(y_parallel.double(), y_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(y_recurrent.double(), y_ref, atol=1e-5, rtol=1e-5)
     assert state_parallel.offset == state_recurrent.offset == T
-    for a, b in zip(state_parallel[:-1], state_recurrent[:-1]):  # same state (KV cache, S, z) either way
+    for a, b in zip(contents(state_parallel), contents(state_recurrent)):  # same state (KV cache, S, z) either way
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
@@ -174,7 +180,7 @@ def test_state_carried_across_halves_equals_one_pass(name):
     y2, s2 = layer(x[:, 13:], s1)
     torch.testing.assert_close(torch.cat((y1, y2), dim=1), y, atol=1e-5, rtol=1e-5)
     assert s2.offset == state.offset == 37
-    for a, b in zip(s2[:-1], state[:-1]):
+    for a, b in zip(contents(s2), contents(state)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
@@ -232,7 +238,7 @@ def test_no_nan_for_large_inputs_and_long_sequences(name):
         y, state = layer(x)
         y.square().mean().backward()
         assert torch.isfinite(y).all() and torch.isfinite(x.grad).all(), (T, scale)
-        assert all(torch.isfinite(s).all() for s in state[:-1])
+        assert all(torch.isfinite(s).all() for s in contents(state))
 
 
 @pytest.mark.parametrize("name", ["linear", "linear-taylor", "retention", "gated"])
@@ -395,3 +401,23 @@ def test_yaml_documents_every_key(path):
     for i, line in enumerate(lines):
         if line and not line.startswith(("#", " ", "_target_", "_partial_")):
             assert i > 0 and lines[i - 1].startswith("#"), f"{path.name}: {line!r} has no comment above it"
+
+
+@torch.no_grad()
+def test_two_continuations_of_one_kv_cache_keep_their_own_keys():
+    """The KV cache appends into room that caches continuing one another share; a second continuation of the
+    same cache copies before it writes, so the first one's next step still sees its own token."""
+    net = context_sensitive_lam(SoftmaxAttention, "learned")
+    idx = torch.randint(50, (1, 9), generator=torch.Generator().manual_seed(3))
+    _, state = net(idx[:, :5])
+    _, state = net(idx[:, 5:6], state)  # a cache with room after its 6 tokens
+    _, first = net(idx[:, 6:7], state)  # writes position 6 into the room
+    second, _ = net(idx[:, 7:8], state)  # another token at position 6
+    after_first, _ = net(idx[:, 8:9], first)
+
+    def recomputed(*pieces):
+        return net(torch.cat(pieces, dim=1))[0][:, -1]
+
+    torch.testing.assert_close(second[:, -1], recomputed(idx[:, :6], idx[:, 7:8]), rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(after_first[:, -1], recomputed(idx[:, :7], idx[:, 8:9]), rtol=1e-7, atol=1e-7)
+    assert first[0].k.shape[2] > first[0].length  # the room is there: appending does not copy the cache

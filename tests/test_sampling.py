@@ -90,3 +90,40 @@ def test_generate_refuses_a_bad_value_in_one_line_before_loading(tmp_path):
 
 def test_stop_strings_typed_on_a_command_line_read_backslash_n_as_a_newline():
     assert command_line_stops("\\n\\n") == ["\n\n"] and command_line_stops(["a\\tb", "c"]) == ["a\tb", "c"]
+
+
+def greedy(net, prompt, n, **options) -> list[int]:
+    return torch.cat(list(stream(net, prompt, n, temperature=0, **options)), dim=1).flatten().tolist()
+
+
+@pytest.mark.slow
+def test_compiled_one_token_step_decodes_the_eager_tokens():
+    """compile=True (torch.compile of the one-token step, and of the cropped window past a learned position
+    table's end) picks, greedily, the tokens of the eager path: 40 tokens from a model of block 16, so both
+    steps run. Linear attention, the default (15 s of compiling; benchmarks.decode runs every mechanism)."""
+    from decoding import context_sensitive_lam
+    from lam.models.attention import LinearAttention
+    from lam.models.sampling import COMPILED
+
+    net = context_sensitive_lam(LinearAttention, "learned", block_size=16).float()
+    prompt = torch.randint(50, (2, 3), generator=torch.Generator().manual_seed(0))
+    eager = greedy(net, prompt, 40)
+    assert greedy(net, prompt, 40, compile=True) == eager and len(set(eager)) > 5
+    assert COMPILED[net] is not net  # it did compile (a failure would fall back to eager)
+
+
+def test_a_failing_compile_falls_back_to_eager_with_the_same_tokens(monkeypatch):
+    from decoding import context_sensitive_lam
+    from lam.models.attention import SoftmaxAttention
+    from lam.models import sampling
+
+    net = context_sensitive_lam(SoftmaxAttention, "learned", block_size=16)
+    prompt = torch.randint(50, (1, 3), generator=torch.Generator().manual_seed(0))
+
+    def broken(*args):
+        raise NameError("name 's55' is not defined")  # what inductor raised here on a KV cache
+
+    monkeypatch.setitem(sampling.COMPILED, net, broken)
+    with pytest.warns(UserWarning, match="torch.compile failed on the one-token step .NameError"):
+        assert greedy(net, prompt, 20, compile=True) == greedy(net, prompt, 20)
+    assert sampling.COMPILED[net] is net  # one failure: the model decodes eagerly from then on

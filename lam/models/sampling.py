@@ -3,14 +3,27 @@
 With `use_cache=True` each step feeds only the newest token and the state (KV cache, recurrent state);
 without it every step recomputes the whole context. Both give the same tokens. Models with learned positions
 (`max_context` set) see at most the last `max_context` tokens; past that each step recomputes a cropped window.
+`compile=True` runs the one-token steps through torch.compile (the prompt's pass stays eager): the first call
+compiles for a few seconds, then each token costs a fraction of the eager step's kernel launches.
 """
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
+
+COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its compiled one-token step
+
+
+def compiled_step(model: nn.Module) -> Callable:
+    """torch.compile(model) with dynamic shapes (the context grows every step), made once per model."""
+    if model not in COMPILED:
+        COMPILED[model] = torch.compile(model, dynamic=True)
+    return COMPILED[model]
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
@@ -34,13 +47,24 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 @torch.no_grad()
 def stream(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
            top_k: int | None = None, top_p: float = 1.0, use_cache: bool = True,
-           generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+           generator: torch.Generator | None = None, compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield (B, 1) new token ids one step at a time, continuing the (B, T) prompt `idx`."""
     limit = getattr(model, "max_context", None)
+    step = compiled_step(model) if compile and use_cache else model
     seq, state = idx, None
     for _ in range(max_new_tokens):
         if use_cache and state is not None and (limit is None or seq.shape[1] <= limit):
-            logits, state = model(seq[:, -1:], state)
+            try:
+                logits, state = step(seq[:, -1:], state)
+            except Exception as e:  # torch.compile's failures have many types; eager gives the same tokens
+                if step is model:
+                    raise
+                warnings.warn(f"torch.compile failed on the one-token step ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); decoding eagerly", stacklevel=2)
+                step = COMPILED[model] = model
+                logits, state = model(seq if limit is None else seq[:, -limit:])
+        elif state is not None and step is not model:  # past max_context: the cropped window, compiled too
+            logits, state = step(seq[:, -limit:])
         else:
             logits, state = model(seq if limit is None else seq[:, -limit:])
         nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)

@@ -11,12 +11,39 @@ from lam.models.attention.base import Attention, pairwise_flops
 
 
 class KVCache(NamedTuple):
-    k: torch.Tensor  # (B, H, S, D) keys of every token seen so far
-    v: torch.Tensor  # (B, H, S, D)
+    """Keys and values of the tokens seen, in buffers with room for more: appending a token writes into the
+    room (O(1)) instead of copying the whole cache (O(S) per token). The buffers grow by doubling. Several
+    caches may share buffers, each reading its first `length` positions; `filled[0]` counts the positions
+    written, so a second continuation of one cache copies its prefix before writing (copy on write)."""
+
+    k: torch.Tensor  # (B, H, capacity, D)
+    v: torch.Tensor  # (B, H, capacity, D)
+    length: int      # tokens seen: positions 0 .. length-1 of the buffers hold them
+    filled: list     # [positions written into these buffers], shared by the caches that share them
 
     @property
     def offset(self) -> int:
-        return self.k.shape[2]
+        return self.length
+
+    @classmethod
+    def start(cls, k: torch.Tensor, v: torch.Tensor, room: int) -> "KVCache":
+        """A cache holding k, v (B, H, T, D), with room for `room` more tokens."""
+        B, H, T, D = k.shape
+        kb, vb = k.new_empty(B, H, T + room, D), v.new_empty(B, H, T + room, D)
+        kb[:, :, :T], vb[:, :, :T] = k, v
+        return cls(kb, vb, T, [T])
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> "KVCache":
+        """The cache after T more tokens' keys and values (B, H, T, D)."""
+        n, T = self.length, k.shape[2]
+        if self.filled[0] != n or n + T > self.k.shape[2]:  # shared room already written, or none left
+            return KVCache.start(self.k[:, :, :n], self.v[:, :, :n], room=max(n, 2 * T, 16)).append(k, v)
+        self.k[:, :, n:n + T], self.v[:, :, n:n + T] = k, v
+        self.filled[0] = n + T
+        return KVCache(self.k, self.v, n + T, self.filled)
+
+    def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[:, :, :self.length], self.v[:, :, :self.length]
 
 
 def attend(q, k, v, cpu_float32: bool, **kwargs) -> torch.Tensor:
@@ -46,11 +73,11 @@ class SoftmaxAttention(Attention):
         dropout = self.dropout if self.training else 0.0
         if state is None:
             y = attend(q, k, v, self.cpu_float32, dropout_p=dropout, is_causal=True)
-            return y, KVCache(k, v)
-        past = state.offset
-        k, v = torch.cat((state.k, k), dim=2), torch.cat((state.v, v), dim=2)
-        T, S = q.shape[2], k.shape[2]
-        # query i sits at position past + i and may see keys 0 .. past + i
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=past)
+            return y, KVCache(k, v, k.shape[2], [k.shape[2]])  # no room yet: the first append makes it
+        past, T = state.offset, q.shape[2]
+        state = state.append(k, v)
+        k, v = state.keys_values()
+        # query i sits at position past + i and may see keys 0 .. past + i: one query sees them all
+        mask = None if T == 1 else torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(diagonal=past)
         y = attend(q, k, v, self.cpu_float32, attn_mask=mask, dropout_p=dropout)
-        return y, KVCache(k, v)
+        return y, state

@@ -1,0 +1,116 @@
+"""Decoding speed at batch 1: ms per generated token, eager and with `compile=True`, from 256 to 8192 tokens of
+context, against a nanoGPT-style loop that recomputes the whole context for every token.
+
+    python -m benchmarks.decode              # every mechanism, contexts 256, 1024, 8192 (about 6 min)
+    python -m benchmarks.decode --quick      # softmax and linear, 256 and 1024
+
+Models: the default sizes (4 layers, 4 heads, 128 wide, vocabulary 65), random weights (speed does not depend
+on them), learned positions with a table long enough for the longest context. Per context L: a random prompt
+of L tokens, then `--tokens` greedy tokens through lam.models.sampling.stream; the median time between
+tokens 2.. is the per-token time (the first includes the prompt's pass). "recompute" is stream(use_cache=False):
+each token one forward over the whole context, as nanoGPT's generate does. "default model" is the default
+config as `make train` trains it (linear attention, block 64): past 64 tokens every step recomputes the cropped
+window, since its position table ends there; tokens/s over --tokens-default tokens from a 1-token prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import statistics
+import time
+
+import torch
+from omegaconf import OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from benchmarks.attention import CONF
+from lam.models import LAM
+from lam.models.sampling import stream
+
+MECHANISMS = ["softmax", "window", "linear", "retention", "gated"]
+CONTEXTS = [256, 1024, 8192]
+
+
+def attention_factory(name: str):
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"))
+    module, cls = cfg.pop("_target_").rsplit(".", 1)
+    cfg.pop("_partial_", None)
+    return functools.partial(getattr(importlib.import_module(module), cls), **cfg)
+
+
+def build(name: str, block_size: int) -> LAM:
+    torch.manual_seed(0)
+    return LAM(vocab_size=65, attention=attention_factory(name), block_size=block_size).eval()
+
+
+def per_token_ms(net: LAM, context: int, tokens: int, **options) -> tuple[float, float]:
+    """(median ms between generated tokens after the first, seconds to the first token)."""
+    prompt = torch.randint(65, (1, context), generator=torch.Generator().manual_seed(1))
+    start = time.perf_counter()
+    times = [time.perf_counter() for _ in stream(net, prompt, tokens, temperature=0, **options)]
+    return 1000 * statistics.median(b - a for a, b in zip(times, times[1:])), times[0] - start
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mechanisms", nargs="+", default=MECHANISMS)
+    parser.add_argument("--contexts", nargs="+", type=int, default=CONTEXTS)
+    parser.add_argument("--tokens", type=int, default=64, help="tokens generated per measurement")
+    parser.add_argument("--tokens-default", type=int, default=500)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.mechanisms, args.contexts, args.tokens = ["softmax", "linear"], [256, 1024], 32
+    console = Console(width=140)
+    block = max(args.contexts) + args.tokens + 1
+    table = Table(title=f"decoding at batch 1: ms per token (median of {args.tokens - 1}), torch threads "
+                        f"{torch.get_num_threads()}")
+    for col in ("mechanism", "mode", *(f"L={L}" for L in args.contexts), "flat (max/min)", "compile s"):
+        table.add_column(col, justify="left" if col in ("mechanism", "mode") else "right")
+    rows = {}
+    for name in args.mechanisms:
+        for mode in ("eager", "compiled"):
+            net = build(name, block)
+            compile = mode == "compiled"
+            if compile:  # the first call compiles; a short warm-up keeps it out of the per-token times
+                t = time.perf_counter()
+                per_token_ms(net, 8, 4, compile=True)
+                compile_s = time.perf_counter() - t
+            ms = [per_token_ms(net, L, args.tokens, compile=compile)[0] for L in args.contexts]
+            rows[name, mode] = ms
+            table.add_row(name, mode, *(f"{m:.2f}" for m in ms), f"{max(ms) / min(ms):.2f}",
+                          f"{compile_s:.0f}" if compile else "")
+            console.print(f"{name} {mode}: " + ", ".join(f"{m:.2f}" for m in ms), highlight=False)
+    if "softmax" in args.mechanisms and 1024 in args.contexts:
+        recompute = per_token_ms(build("softmax", block), 1024, 8, use_cache=False)[0]
+        table.add_row("softmax", "recompute", *("" if L != 1024 else f"{recompute:.2f}" for L in args.contexts),
+                      "", "")
+        at = args.contexts.index(1024)
+        for mode in ("eager", "compiled"):
+            console.print(f"softmax {mode} at L=1024: {recompute / rows['softmax', mode][at]:.1f}x the recompute "
+                          "loop", highlight=False)
+    console.print(table)
+
+    default = Table(title=f"the default model (conf/: linear attention, block 64): {args.tokens_default} tokens "
+                          "from a 1-token prompt")
+    for col in ("mode", "tokens/s", "ms/token"):
+        default.add_column(col, justify="left" if col == "mode" else "right")
+    for mode in ("eager", "compiled"):
+        net = build("linear", 64)
+        if mode == "compiled":
+            for _ in stream(net, torch.zeros(1, 1, dtype=torch.long), 70, temperature=0, compile=True):
+                pass  # compiles both steps: one token, and the 64-token window past the table's end
+        t = time.perf_counter()
+        for _ in stream(net, torch.zeros(1, 1, dtype=torch.long), args.tokens_default, temperature=0,
+                        compile=mode == "compiled"):
+            pass
+        seconds = time.perf_counter() - t
+        default.add_row(mode, f"{args.tokens_default / seconds:,.0f}", f"{1000 * seconds / args.tokens_default:.2f}")
+    console.print(default)
+
+
+if __name__ == "__main__":
+    main()

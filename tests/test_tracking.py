@@ -325,3 +325,23 @@ def test_train_log_holds_the_runs_log_and_the_terminal_only_what_informs(tmp_pat
     assert crashed.returncode == 1
     log = (tmp_path / "crash" / "train.log").read_text()
     assert "run failed" in log and "Traceback" in log and "RuntimeError: boom" in log
+
+
+@pytest.mark.slow
+def test_the_progress_bar_redraws_every_refresh_every_batches_and_at_the_last(tmp_path, corpus, monkeypatch):
+    """callbacks.progress_bar.refresh_every=4 over 10 steps: Lightning's redraw runs after batches 4, 8 and
+    10 (it ran after every batch: 2.4 ms a step on a CPU), so the bar still ends at 10/10."""
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    drawn = []
+    original = RichProgressBar.on_train_batch_end
+
+    def record(self, trainer, *args):
+        drawn.append(trainer.global_step)
+        original(self, trainer, *args)
+
+    monkeypatch.setattr(RichProgressBar, "on_train_batch_end", record)
+    with_bar = [o for o in TINY if not o.startswith("trainer.enable_progress_bar")]
+    train(compose_train([*with_bar, "data=custom", f"data.path={corpus}", "trainer.max_steps=10",
+                         "callbacks.progress_bar.refresh_every=4"], tmp_path / "run"))
+    assert drawn == [4, 8, 10]

@@ -34,10 +34,25 @@ def run_eagerly():
 
 class StepProgressBar(RichProgressBar):
     """Rich's progress bar, labelled "train" instead of Lightning's "Epoch 0/-2": LAM's training stream is
-    endless and runs are measured in steps (the bar counts them up to trainer.max_steps)."""
+    endless and runs are measured in steps (the bar counts them up to trainer.max_steps).
+
+    refresh_every: redraw the bar and its metrics every this many training batches, and at the last. Lightning's
+    RichProgressBar redraws after every batch: 2.4 ms a step, more than the whole step of a tiny model
+    (benchmarks/RESULTS.md, Training speed)."""
+
+    def __init__(self, refresh_every: int = 10, **kwargs):
+        super().__init__(**kwargs)
+        if refresh_every < 1:
+            raise ValueError(f"refresh_every must be >= 1, got {refresh_every}")
+        self.refresh_every = refresh_every
 
     def _get_train_description(self, current_epoch: int) -> str:
         return "train"
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        last = trainer.global_step >= (trainer.max_steps if trainer.max_steps > 0 else float("inf"))
+        if (batch_idx + 1) % self.refresh_every == 0 or last or trainer.should_stop:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
 class Throughput(L.Callback):

@@ -2,7 +2,7 @@
 
     python -m benchmarks.train_speed                    # tokens/s, softmax and linear, 3 repeats (< 10 min)
     python -m benchmarks.train_speed --quick            # 1 repeat, fewer steps (< 2 min)
-    python -m benchmarks.train_speed --mode quality     # wall time to val loss < 1.886 (about 12 min)
+    python -m benchmarks.train_speed --mode quality     # time to val loss <= 1.886, nanoGPT vs the speedrun (7 min)
     python -m benchmarks.train_speed --mode profile     # torch.profiler: time in aten ops vs around them
     python -m benchmarks.train_speed --lam compile=true optim.fused=false   # extra lam.train overrides
 
@@ -20,10 +20,10 @@ every repeat, so that a busy machine slows both alike. Speed mode: ms/step is th
 step `--warmup` to the last step, with no validation inside (lam: from the Throughput callback's elapsed_s in
 the csv; plain: perf_counter around the loop); the median over repeats is reported. MFU = tokens/s x
 lam.models.flops.flops_per_token (attention term of the mechanism in use) / the fp32 matmul peak measured here.
-Quality mode: both validate every 50 steps on the same 4 x 12 fixed windows, and stop at val loss < 1.886
-(lam: an EarlyStopping callback with stopping_threshold); "wall s" is the whole subprocess, imports included.
-The plain loop keeps nanoGPT's recipe (lr 1e-3 over 2000 steps, then the floor, at most --max-plain steps);
-LAM runs its own preset, experiment=shakespeare_char_fast (lr 3e-3 over LAM_STEPS[attention] steps).
+Quality mode: nanoGPT's recipe exactly on the plain side (the hyperparameters above, nanoGPT's warmup
+lr·(it+1)/(warmup+1), weight decay on every parameter of 2 or more dimensions, embeddings included), run to
+its 2000 steps and evaluated as nanoGPT evaluates it (every 250 steps, 20 batches of 12 windows, here lam's own
+validation windows), against `--preset` (experiment=shakespeare_char_speedrun) as it stands. See quality_main.
 Profile mode: one run each under torch.profiler from step `--warmup` on; per step, the time inside aten ops
 (the kernels, the same code on both sides) against the time around them (Python, autograd, framework).
 """
@@ -311,7 +311,7 @@ def main() -> None:
     from lam.config import compose_train
     from lam.models.flops import flops_per_token
 
-    console = Console()
+    console = Console(width=130)
     tmp = Path(tempfile.mkdtemp(prefix="lam-train-speed-"))
     logging = ["callbacks.throughput.window=10", "trainer.log_every_n_steps=10"]
     specs, flops = {}, {}
@@ -392,7 +392,7 @@ def quality_main(args) -> None:
 
     from lam.config import compose_train
 
-    console = Console()
+    console = Console(width=130)
     tmp = Path(tempfile.mkdtemp(prefix="lam-quality-"))
     cfg = compose_train(RECIPE, tmp / "compose")  # nanoGPT's recipe: softmax attention
     nanogpt = {**plain_spec(cfg, OmegaConf.to_container(cfg.attention, resolve=True)), **NANOGPT_EVAL,

@@ -53,20 +53,20 @@ def stream(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature
     step = compiled_step(model) if compile and use_cache else model
     seq, state = idx, None
     for _ in range(max_new_tokens):
-        if use_cache and state is not None and (limit is None or seq.shape[1] <= limit):
+        window = seq if limit is None else seq[:, -limit:]
+        if not use_cache or state is None:  # the prompt's pass, or every step without the cache: eager
+            logits, state = model(window)
+        else:
+            one_token = limit is None or seq.shape[1] <= limit  # else past max_context: the cropped window
             try:
-                logits, state = step(seq[:, -1:], state)
+                logits, state = step(seq[:, -1:], state) if one_token else step(window)
             except Exception as e:  # torch.compile's failures have many types; eager gives the same tokens
                 if step is model:
                     raise
                 warnings.warn(f"torch.compile failed on the one-token step ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}); decoding eagerly", stacklevel=2)
                 step = COMPILED[model] = model
-                logits, state = model(seq if limit is None else seq[:, -limit:])
-        elif state is not None and step is not model:  # past max_context: the cropped window, compiled too
-            logits, state = step(seq[:, -limit:])
-        else:
-            logits, state = model(seq if limit is None else seq[:, -limit:])
+                logits, state = model(window)  # from the tokens alone: the failed call may have left the state
         nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
         seq = torch.cat((seq, nxt), dim=1)
         yield nxt

@@ -421,7 +421,7 @@ def quality_main(args) -> None:
     for col in ("variant", "steps", "last val", "reached", "ms/step", "s to target", "LAM ÷ plain"):
         table.add_column(col, justify="left" if col == "variant" else "right")
     med = {k: {m: statistics.median(float(x[m]) for x in v)
-               for m in ("steps", "best_val", "ms_step", "to_target_s")} for k, v in runs.items()}
+               for m in ("steps", "ms_step", "to_target_s")} for k, v in runs.items()}
     for kind, name in (("lam", f"lam experiment={args.preset}"), ("plain", "plain loop, nanoGPT's recipe")):
         m = med[kind]
         last = statistics.median(x["curve"][-1][1] for x in runs[kind])

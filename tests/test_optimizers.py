@@ -95,7 +95,7 @@ def test_muon_adamw_is_one_optimizer_for_the_schedule_and_the_checkpoint():
     assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before))
     schedule.step()
 
-    def train(net, opt, steps):
+    def take_steps(net, opt, steps):
         for i in range(steps):
             opt.zero_grad()
             net(torch.randint(11, (2, 8), generator=torch.Generator().manual_seed(i)))[0].square().mean().backward()
@@ -103,15 +103,15 @@ def test_muon_adamw_is_one_optimizer_for_the_schedule_and_the_checkpoint():
 
     for group in opt.param_groups:
         group["lr"] = group["initial_lr"]
-    train(net, opt, 2)
+    take_steps(net, opt, 2)
     saved = copy.deepcopy((net.state_dict(), opt.state_dict()))  # the live state goes on changing
-    train(net, opt, 2)
+    take_steps(net, opt, 2)
     twin = tiny_net()
     twin.load_state_dict(saved[0])
     twin_opt = MuonAdamW(param_groups(twin), lr=1e-2, muon_lr=0.05, ns_dtype="float32")
     twin_opt.load_state_dict(saved[1])
     assert twin_opt.muon.state is twin_opt.state and twin_opt.muon.param_groups[0] is twin_opt.param_groups[0]
-    train(twin, twin_opt, 2)
+    take_steps(twin, twin_opt, 2)
     for p, q in zip(net.parameters(), twin.parameters()):
         assert torch.equal(p, q)
 

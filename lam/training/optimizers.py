@@ -66,7 +66,8 @@ class Muon(Optimizer):
     M <- lerp(M, G, 1 - momentum); U = lerp(G, M, momentum) if nesterov else M;
     W <- W·(1 - lr·weight_decay) - adjusted_lr · orthogonalize(U).
 
-    ns_dtype: dtype of the iterations ("bfloat16", "float32"); null: `default_ns_dtype`."""
+    ns_dtype: dtype of the iterations ("bfloat16", "float32"); null: `default_ns_dtype` for the device of the
+    first step's parameters, decided then, once."""
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  ns_steps: int = 5, weight_decay: float = 0.0, adjust_lr_fn: str | None = None,
@@ -96,8 +97,9 @@ class Muon(Optimizer):
                 by_shape[p.shape].append((p, p.grad.lerp(buf, momentum) if group["nesterov"] else buf))
             for shape, items in by_shape.items():
                 params = [p for p, _ in items]
-                dtype = self.ns_dtype or default_ns_dtype(params[0].device)
-                updates = orthogonalize(torch.stack([u for _, u in items]).to(dtype), group["ns_steps"])
+                if self.ns_dtype is None:  # cpu_precision reads /proc/cpuinfo: not on every step
+                    self.ns_dtype = default_ns_dtype(params[0].device)
+                updates = orthogonalize(torch.stack([u for _, u in items]).to(self.ns_dtype), group["ns_steps"])
                 step = adjusted_lr(lr, shape, group["adjust_lr_fn"])
                 for p, u in zip(params, updates):
                     p.mul_(1 - lr * wd).add_(u.to(p.dtype), alpha=-step)

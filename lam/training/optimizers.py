@@ -4,8 +4,8 @@ in neural networks"; the split modded-nanogpt's speedrun records use).
 Muon steps each matrix W along the nearest semi-orthogonal matrix to its momentum M = U S Vᵀ, that is U Vᵀ,
 found by a few Newton-Schulz iterations. It is defined for 2-D weights, so embeddings, the head tied to one,
 norms and biases stay with AdamW. `Muon` here is torch.optim.Muon's update (same momentum, Nesterov, lr
-adjustment and weight decay) with the iterations batched over all matrices of one shape: on a 2-core CPU the
-16 matrices of the recipe model take 10 ms a step instead of torch's 26 (benchmarks/RESULTS.md, Time to
+adjustment and weight decay) with the iterations batched over all matrices of one shape: on a 2-core AVX512-BF16
+Xeon the 16 matrices of the recipe model take 14 ms a step instead of torch's 26 (benchmarks/RESULTS.md, Time to
 quality). `MuonAdamW` gives Lightning, the lr schedulers and the checkpoints one `torch.optim.Optimizer`.
 """
 

@@ -49,7 +49,7 @@ class KVCache(NamedTuple):
 def attend(q, k, v, cpu_float32: bool, **kwargs) -> torch.Tensor:
     """scaled_dot_product_attention(q, k, v, **kwargs). cpu_float32: on a CPU, bfloat16/float16 inputs are
     attended in float32 and the output cast back: torch's CPU kernel is slower in bfloat16 at small sizes
-    (forward + backward at head_dim 32: 5x at T = 64, 2x at T = 256; benchmarks/RESULTS.md, Training speed)."""
+    (forward + backward at head_dim 32 on an AVX512-BF16 Xeon: 5x at T = 64, 2x at T = 256; benchmarks/RESULTS.md)."""
     dtype = q.dtype
     if cpu_float32 and q.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
         with torch.autocast("cpu", enabled=False):

@@ -40,6 +40,8 @@ class StepProgressBar(RichProgressBar):
     RichProgressBar redraws after every batch: 2.4 ms a step on a 2-core AVX512-BF16 Xeon, more than the whole
     step of a tiny model (benchmarks/RESULTS.md, Training speed)."""
 
+    SHOWN = ("train/loss", "tokens_per_sec")
+
     def __init__(self, refresh_every: int = 10, **kwargs):
         super().__init__(**kwargs)
         if refresh_every < 1:
@@ -49,6 +51,14 @@ class StepProgressBar(RichProgressBar):
     def _get_train_description(self, current_epoch: int) -> str:
         return "train"
 
+    def get_metrics(self, trainer, pl_module) -> dict:
+        """Lightning's (the validation metrics), and SHOWN of the module's step metrics: this step's where it
+        writes them, else the last written."""
+        items = super().get_metrics(trainer, pl_module)
+        step = {**getattr(pl_module, "logged_step_metrics", {}), **getattr(pl_module, "step_metrics", {})}
+        shown = {k: float(step[k]) for k in self.SHOWN if k in step}
+        return {**items, **{k: round(v) if v >= 1000 else v for k, v in shown.items()}}  # 12051, not 12051.061
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         last = trainer.global_step >= (trainer.max_steps if trainer.max_steps > 0 else float("inf"))
         if (batch_idx + 1) % self.refresh_every == 0 or last or trainer.should_stop:
@@ -56,8 +66,8 @@ class StepProgressBar(RichProgressBar):
 
 
 class Throughput(L.Callback):
-    """Logs `tokens_per_sec` (all ranks together, over the last `window` batches) and `elapsed_s`, the
-    training time so far, at the steps whose metrics Lightning writes (trainer.log_every_n_steps); also
+    """Adds `tokens_per_sec` (all ranks together, over the last `window` batches) and `elapsed_s`, the
+    training time so far, to the step metrics LanguageModel writes (every trainer.log_every_n_steps); also
     `flops_per_sec` (lam.models.flops' count) and, on GPUs whose peak Lightning knows, `mfu`. Computed by
     Lightning's Throughput, the one its ThroughputMonitor uses, on a clock that stops from the start of each
     validation to the next training batch, so that validations and the samples and checkpoints taken after them
@@ -96,15 +106,15 @@ class Throughput(L.Callback):
             self.tokens + tokens
         self.throughput.update(time=elapsed, batches=self.batches, samples=self.samples, lengths=self.tokens,
                                flops=self.flops_per_token * tokens * trainer.world_size)
-        every = trainer.log_every_n_steps  # log where Lightning writes the step's metrics, once the window is full
-        rates = self.throughput.compute() if every and (trainer.global_step % every == 0 or trainer.should_stop) \
-            else {}
-        if "device/items_per_sec" in rates:
-            pl_module.log("tokens_per_sec", rates["device/items_per_sec"] * trainer.world_size, prog_bar=True)
-            pl_module.log("flops_per_sec", rates["device/flops_per_sec"] * trainer.world_size)
+        if not pl_module.writes_step_metrics():  # joins the step metrics the module writes
+            return
+        rates = self.throughput.compute()
+        if "device/items_per_sec" in rates:  # once the window is full
+            metrics = {"tokens_per_sec": rates["device/items_per_sec"] * trainer.world_size,
+                       "flops_per_sec": rates["device/flops_per_sec"] * trainer.world_size, "elapsed_s": elapsed}
             if "device/mfu" in rates:
-                pl_module.log("mfu", rates["device/mfu"])
-            pl_module.log("elapsed_s", elapsed)
+                metrics["mfu"] = rates["device/mfu"]
+            pl_module.step_metrics.update(metrics)
 
 
 class SampleText(L.Callback):

@@ -38,6 +38,11 @@ class LanguageModel(L.LightningModule):
             self.net.compile()
         self.val_loss = MeanMetric()
         self.validated_at: int | None = None  # the global step of the latest validation
+        # the step metrics of the step being made (train/loss, lr, grad_norm, the Throughput callback's rates),
+        # written to the loggers when it ends, and the last ones written (the progress bar shows them)
+        self.step_metrics: dict = {}
+        self.step_metrics_at: int | None = None
+        self.logged_step_metrics: dict[str, float] = {}
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.net(idx)[0]
@@ -48,18 +53,33 @@ class LanguageModel(L.LightningModule):
         return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
 
     def logs_this_step(self) -> bool:
-        """Whether Lightning writes step metrics after this step: every trainer.log_every_n_steps-th step, and
-        the last. `self.log` costs about 1 ms a call (three a step were 5% of a small model's CPU step), so the
-        hot path calls it only then (benchmarks/RESULTS.md, Training speed)."""
+        """Whether the step being made writes step metrics: every trainer.log_every_n_steps-th step, and the
+        last."""
         every = self.trainer.log_every_n_steps
         return every > 0 and ((self.global_step + 1) % every == 0 or self.trainer.should_stop)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
-        if self.logs_this_step():
-            self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # under DDP: the mean over all ranks
-            self.log("lr", self.optimizers().param_groups[0]["lr"])
+        if self.logs_this_step():  # under DDP: the mean over all ranks (every rank logs at the same steps)
+            self.step_metrics = {"train/loss": self.trainer.strategy.reduce(loss.detach(), reduce_op="mean"),
+                                 "lr": self.optimizers().param_groups[0]["lr"]}
+            self.step_metrics_at = self.global_step + 1
         return loss
+
+    def writes_step_metrics(self) -> bool:
+        """Whether the batch that just ended made a step whose metrics go to the loggers (under gradient
+        accumulation, the batch that stepped the optimizer)."""
+        return bool(self.step_metrics) and self.global_step == self.step_metrics_at
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """Write the step's metrics to every logger, one record per step. Not through `self.log`: its result
+        collection was one of the largest costs of Lightning's loop around a small model's step
+        (benchmarks/RESULTS.md, Training speed). Validation metrics still go through it."""
+        if self.writes_step_metrics():
+            self.logged_step_metrics = {k: float(v) for k, v in self.step_metrics.items()}
+            for logger in self.loggers:
+                logger.log_metrics(self.logged_step_metrics, step=self.global_step)
+            self.step_metrics = {}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         """Clip as trainer.gradient_clip_val / gradient_clip_algorithm say (by global norm unless "value") and
@@ -79,7 +99,7 @@ class LanguageModel(L.LightningModule):
         else:  # one pass: measures and clips
             norm = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val or math.inf)
         if self.logs_this_step():
-            self.log("grad_norm", norm)
+            self.step_metrics["grad_norm"] = norm
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self.val_loss.update(self.loss(batch), weight=batch[0].shape[0])

@@ -9,13 +9,14 @@ from torch import nn
 from lam.models import LAM
 
 
-def context_sensitive_lam(attention, pos: str, vocab_size: int = 50, block_size: int = 64) -> LAM:
-    """A 2-layer LAM in float64 with an output head of its own and every matrix drawn at std 0.3. The GPT-2 init
-    (std 0.02, head tied to the embedding) makes the attention's share of the residual stream so small that a
-    greedy decoder repeats one token whatever its context, and a cache that never grows goes unnoticed."""
+def context_sensitive_lam(attention, pos: str, vocab_size: int = 50, block_size: int = 64, **options) -> LAM:
+    """A 2-layer LAM in float64 (`options`: LAM's other arguments) with an output head of its own and every
+    matrix drawn at std 0.3. The GPT-2 init (std 0.02, head tied to the embedding) makes the attention's share of
+    the residual stream so small that a greedy decoder repeats one token whatever its context, and a cache that
+    never grows goes unnoticed."""
     torch.manual_seed(0)
     net = LAM(vocab_size=vocab_size, attention=attention, n_layer=2, n_head=2, n_embd=32, block_size=block_size,
-              pos=pos)
+              pos=pos, **options)
     net.lm_head.weight = nn.Parameter(torch.empty(vocab_size, 32))
     with torch.no_grad():
         for p in net.parameters():

@@ -1,6 +1,6 @@
 """The model file: export -> load gives the same network (torch.equal logits, the same greedy text, the tie
-restored) for every attention mechanism and both position schemes; each broken or hostile file is refused in one
-line; a write is atomic."""
+restored) for every attention mechanism and both position schemes, and for an untied head with every model
+option on; each broken or hostile file is refused in one line; a write is atomic."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from helpers import TINY_MODEL, compose_train
 from lam.data.tokenizer import CharTokenizer
 from lam.errors import UserError
 from lam.export import corpus_name, export
+from lam.models.decoder import ReLUSquared
 from lam.serving import model_file
 from lam.serving.build import build
 
@@ -28,9 +29,9 @@ ATTENTIONS = ["softmax", "window", "linear", "retention", "gated"]
 TOKENIZER = CharTokenizer("\n abcdefghijklmnopqrstuvwxyz.")
 
 
-def model_config(tmp_path, attention: str, pos: str) -> dict:
+def model_config(tmp_path, attention: str, pos: str, *overrides: str) -> dict:
     cfg = compose_train([*TINY_MODEL, "data=custom", f"data.path={tmp_path}/c.txt", "data.block_size=16",
-                         f"attention={attention}", f"model.pos={pos}"], tmp_path)
+                         f"attention={attention}", f"model.pos={pos}", *overrides], tmp_path)
     return OmegaConf.to_container(cfg.model, resolve=True)
 
 
@@ -55,16 +56,22 @@ def greedy(net, ids: list[int], steps: int) -> list[int]:
     return ids
 
 
-@pytest.mark.parametrize("pos", ["rope", "learned"])
-@pytest.mark.parametrize("attention", ATTENTIONS)
-def test_export_then_load_gives_the_same_model(attention, pos, tmp_path):
-    config = model_config(tmp_path, attention, pos)
+def export_and_load(tmp_path, config: dict):
+    """The network of a checkpoint of `config`, and the model its exported file loads as: equal logits."""
     net, ckpt = write_checkpoint(tmp_path, config)
     export(ckpt, tmp_path / "m.lam")
     m = lam.load(tmp_path / "m.lam")
     x = torch.randint(TOKENIZER.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(m.net(x)[0], net(x)[0])
+    return net, m
+
+
+@pytest.mark.parametrize("pos", ["rope", "learned"])
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_export_then_load_gives_the_same_model(attention, pos, tmp_path):
+    config = model_config(tmp_path, attention, pos)
+    net, m = export_and_load(tmp_path, config)
     assert m.net.lm_head.weight is m.net.wte.weight  # the tie restored
     with safetensors.safe_open(tmp_path / "m.lam", "pt") as f:
         assert "lm_head.weight" not in f.keys() and "wte.weight" in f.keys()  # stored once
@@ -80,6 +87,30 @@ def test_export_then_load_gives_the_same_model(attention, pos, tmp_path):
     info = m.info
     assert info["block_size"] == 16 and info["vocab_size"] == TOKENIZER.vocab_size and info["pos"] == pos
     assert info["parameters"] == int(meta["parameters"]) and info["record"]["corpus"] == "corpus.txt"
+
+
+OPTIONS = ["model.qk_norm=true", "model.activation=relu2", "model.tie_head=false"]
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_an_untied_head_with_every_option_exports_and_loads_as_it_was(attention, tmp_path):
+    config = model_config(tmp_path, attention, "rope", *OPTIONS)
+    _, m = export_and_load(tmp_path, config)
+    assert m.net.lm_head.weight is not m.net.wte.weight and m.net.blocks[0].attn.qk_norm
+    assert isinstance(m.net.blocks[0].mlp.act, ReLUSquared)
+    assert not torch.equal(m.net.lm_head.weight, m.net.wte.weight)
+    with safetensors.safe_open(tmp_path / "m.lam", "pt") as f:
+        assert {"lm_head.weight", "wte.weight"} <= set(f.keys()) and json.loads(f.metadata()["tied"]) == {}
+        assert json.loads(f.metadata()["config"]) == config
+
+
+def test_a_file_whose_config_ties_weights_it_stores_apart_is_refused(tmp_path):
+    """Loading both into the one tied tensor would keep the last and give another model without a word."""
+    untied = build(model_config(tmp_path, "softmax", "rope", "model.tie_head=false"), "test",
+                   vocab_size=TOKENIZER.vocab_size)
+    model_file.save(tmp_path / "m.lam", untied, TOKENIZER, model_config(tmp_path, "softmax", "rope"), {})
+    with pytest.raises(UserError, match=r"ties no weights, but its model config ties \{'lm_head.weight': "):
+        model_file.read(tmp_path / "m.lam")
 
 
 def test_perplexity_is_the_exp_of_the_mean_loss_over_windows(tmp_path):

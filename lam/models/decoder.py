@@ -2,7 +2,8 @@
 
     tokens -> token embedding (+ learned positions) -> n_layer x [x + attn(ln(x)); x + mlp(ln(x))] -> ln -> head
 
-The head shares its weight with the token embedding. Pure PyTorch: build and run it without Lightning or Hydra:
+The head shares its weight with the token embedding (unless tie_head=False). Pure PyTorch: build and run it
+without Lightning or Hydra:
 
     net = LAM(vocab_size=65, attention=functools.partial(LinearAttention, chunk_size=32))
     logits, state = net(torch.randint(65, (1, 16)))
@@ -15,12 +16,20 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lam.models.attention import Attention, SoftmaxAttention
 
 
-ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}  # the MLP's nonlinearity, by its config name
+class ReLUSquared(nn.Module):
+    """relu(x)² (So et al. 2021, "Primer")."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
+
+
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "relu2": ReLUSquared}  # the MLP's nonlinearity, by config name
 
 
 class MLP(nn.Module):
@@ -55,16 +64,21 @@ class Block(nn.Module):
 class LAM(nn.Module):
     """Decoder-only language model.
 
-    attention: a factory called as `attention(d_model=..., n_head=..., dropout=..., bias=..., rope=...)` once per
-        layer (a class, or a `functools.partial` of one, as Hydra's `_partial_: true` builds).
+    attention: a factory called as `attention(d_model=..., n_head=..., dropout=..., bias=..., rope=...,
+        qk_norm=...)` once per layer (a class, or a `functools.partial` of one, as Hydra's `_partial_: true`
+        builds).
     pos: "learned" absolute position embeddings (context limited to block_size) or "rope" rotary positions
         inside attention (no limit).
-    activation: the MLP's nonlinearity, "gelu" (GPT-2) or "relu" (the original transformer, Tiny_GPT).
+    activation: the MLP's nonlinearity, "gelu" (GPT-2), "relu" (the original transformer, Tiny_GPT) or "relu2"
+        (relu squared, Primer).
+    qk_norm: RMS-normalise each head's queries and keys, without weights, before positions (QK-norm).
+    tie_head: the head shares the token embedding's weight (Press & Wolf 2017); False: a weight of its own.
     """
 
     def __init__(self, vocab_size: int, attention: Callable[..., Attention] = SoftmaxAttention,
                  n_layer: int = 4, n_head: int = 4, n_embd: int = 128, block_size: int = 64,
-                 dropout: float = 0.0, bias: bool = False, pos: str = "learned", activation: str = "gelu"):
+                 dropout: float = 0.0, bias: bool = False, pos: str = "learned", activation: str = "gelu",
+                 qk_norm: bool = False, tie_head: bool = True):
         super().__init__()
         if pos not in ("learned", "rope"):
             raise ValueError(f"pos must be 'learned' or 'rope', got {pos!r}")
@@ -74,12 +88,13 @@ class LAM(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
             Block(n_embd, attention(d_model=n_embd, n_head=n_head, dropout=dropout, bias=bias,
-                                    rope=pos == "rope"), dropout, bias, activation)
+                                    rope=pos == "rope", qk_norm=qk_norm), dropout, bias, activation)
             for _ in range(n_layer)
         )
         self.ln_f = nn.LayerNorm(n_embd, bias=bias)
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017)
+        if tie_head:
+            self.lm_head.weight = self.wte.weight
         self.apply(self._init_weights)
         for module in self.modules():  # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
             if getattr(module, "residual", False):

@@ -2,7 +2,7 @@
 
 A multiply-add is 2 FLOPs. Per token, the forward pass costs
 
-    2 x (weights of every linear layer, the tied head once)  +  the token mixing of every attention layer
+    2 x (weights of every linear layer, the head's once, tied or not)  +  the token mixing of every attention layer
 
 and training costs 3x that (the backward pass does about twice the forward's work; Kaplan et al. 2020: 6N).
 Embedding lookups, norms, activations and the softmax's exponentials are not counted. Each mechanism says

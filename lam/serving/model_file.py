@@ -1,8 +1,9 @@
 """The model file: one safetensors file holding a trained network, its config, its tokenizer and a record.
 
 Layout (safetensors: an 8-byte header length, a JSON header, the tensor data):
-- tensors: the network's state dict, each tensor stored once: a weight tied to another (the LM head shares the
-  token embedding) is left out and named in `tied`; building the network from its config ties it again.
+- tensors: the network's state dict, each tensor stored once: a weight tied to another (the LM head, when it
+  shares the token embedding) is left out and named in `tied`; building the network from its config ties it
+  again. An untied head is stored like any other weight.
 - metadata (strings): `format` ("lam-model"), `version`, `config` (the model config, attention included, as JSON
   in Hydra's `_target_` form), `tokenizer` (its state dict, JSON), `parameters` (the count), `record` (JSON:
   corpus, tokenizer, steps, val_loss, date), `tied` (JSON: {left-out name: stored name}) and `sha256`, a digest of
@@ -54,18 +55,25 @@ def digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
     return h.hexdigest()
 
 
-def save(path: str | Path, net: nn.Module, tokenizer: Tokenizer, config: dict, record: dict) -> Path:
-    """Write the model file at `path` atomically (a temporary file beside it, then renamed): a reader sees the
-    old file or the new one, never half of one."""
-    path = Path(path)
-    tensors, tied, seen = {}, {}, {}
-    for name, tensor in net.state_dict().items():
+def tied_names(state_dict: dict[str, torch.Tensor]) -> dict[str, str]:
+    """{name: the first name of the same tensor} for each entry of a state dict that repeats an earlier one."""
+    tied, seen = {}, {}
+    for name, tensor in state_dict.items():
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
         if key in seen:
             tied[name] = seen[key]
         else:
             seen[key] = name
-            tensors[name] = tensor.detach().to("cpu").contiguous().clone()
+    return tied
+
+
+def save(path: str | Path, net: nn.Module, tokenizer: Tokenizer, config: dict, record: dict) -> Path:
+    """Write the model file at `path` atomically (a temporary file beside it, then renamed): a reader sees the
+    old file or the new one, never half of one."""
+    path = Path(path)
+    state = net.state_dict()
+    tied = tied_names(state)
+    tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in state.items() if name not in tied}
     metadata = {"format": FORMAT, "version": str(VERSION), "config": json.dumps(config),
                 "tokenizer": json.dumps(tokenizer.state_dict(), ensure_ascii=False),
                 "parameters": str(sum(p.numel() for p in net.parameters())), "record": json.dumps(record),
@@ -123,6 +131,8 @@ def read(path: str | Path, device: str = "cpu") -> ModelFile:
     net = build(config, str(path), vocab_size=tokenizer.vocab_size)
     if not isinstance(tied, dict) or not set(tied.values()) <= set(tensors):
         raise UserError(f"{path} names tied weights it does not hold")
+    if tied != (config_ties := tied_names(net.state_dict())):  # else loading one tensor would overwrite another
+        raise UserError(f"{path} ties {tied or 'no weights'}, but its model config ties {config_ties or 'none'}")
     for name, stored in tied.items():
         tensors[name] = tensors[stored]
     try:

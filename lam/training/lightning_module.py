@@ -15,19 +15,25 @@ from torchmetrics import MeanMetric
 
 
 def param_groups(net: nn.Module) -> list[dict]:
-    """Decay matrices of linear layers; leave norms, biases and embeddings (and the head tied to one) alone.
-    The decayed group names no weight decay, so it takes the optimizer's own."""
+    """[hidden matrices, output head, the rest]: decay matrices of linear layers; leave norms, biases and
+    embeddings (and the head tied to one) alone. An untied head (`net.lm_head` with a weight of its own) is
+    decayed too, in a group of its own that appears only when it trains, so that MuonAdamW gives it to AdamW:
+    Muon is for hidden matrices. The decayed groups name no weight decay, so they take the optimizer's own."""
     no_decay = {id(m.weight) for m in net.modules() if isinstance(m, (nn.Embedding, nn.LayerNorm))}
+    head = getattr(getattr(net, "lm_head", None), "weight", None)
+    if head is not None and (id(head) in no_decay or not head.requires_grad):
+        head = None  # tied to the embedding, or frozen: no group of its own
     decay, other = [], []
     for p in net.parameters():  # parameters() yields a tied weight once
-        if p.requires_grad:
+        if p.requires_grad and p is not head:
             (decay if p.dim() >= 2 and id(p) not in no_decay else other).append(p)
-    return [{"params": decay}, {"params": other, "weight_decay": 0.0}]
+    head_group = [] if head is None else [{"params": [head]}]
+    return [{"params": decay}, *head_group, {"params": other, "weight_decay": 0.0}]
 
 
 class LanguageModel(L.LightningModule):
     """net: a model with `net(idx, state) -> (logits, state)`; optimizer: a callable taking parameter groups
-    (its own weight decay applies to the decayed group); scheduler: a partial taking the optimizer;
+    (its own weight decay applies to the decayed groups); scheduler: a partial taking the optimizer;
     compile: torch.compile the net; config: the run's resolved config, saved in every checkpoint."""
 
     def __init__(self, net: nn.Module, optimizer: Callable, scheduler: Callable | None = None,

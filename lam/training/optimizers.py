@@ -2,11 +2,12 @@
 in neural networks"; the split modded-nanogpt's speedrun records use).
 
 Muon steps each matrix W along the nearest semi-orthogonal matrix to its momentum M = U S Vᵀ, that is U Vᵀ,
-found by a few Newton-Schulz iterations. It is defined for 2-D weights, so embeddings, the head tied to one,
-norms and biases stay with AdamW. `Muon` here is torch.optim.Muon's update (same momentum, Nesterov, lr
-adjustment and weight decay) with the iterations batched over all matrices of one shape: on a 2-core AVX512-BF16
-Xeon the 16 matrices of the recipe model take 14 ms a step instead of torch's 26 (benchmarks/RESULTS.md, Time to
-quality). `MuonAdamW` gives Lightning, the lr schedulers and the checkpoints one `torch.optim.Optimizer`.
+found by a few Newton-Schulz iterations. It is defined for 2-D weights, and meant for hidden layers, so
+embeddings, the output head (tied to one or not), norms and biases stay with AdamW. `Muon` here is
+torch.optim.Muon's update (same momentum, Nesterov, lr adjustment and weight decay) with the iterations batched
+over all matrices of one shape: on a 2-core AVX512-BF16 Xeon the 16 matrices of the recipe model take 14 ms a
+step instead of torch's 26 (benchmarks/RESULTS.md, Time to quality). `MuonAdamW` gives Lightning, the lr
+schedulers and the checkpoints one `torch.optim.Optimizer`.
 """
 
 from __future__ import annotations
@@ -108,11 +109,13 @@ class Muon(Optimizer):
 
 class MuonAdamW(Optimizer):
     """groups: parameter groups as `lam.training.lightning_module.param_groups` builds them; the first (the
-    matrices of linear layers) goes to Muon, the others to torch.optim.AdamW.
+    hidden matrices) goes to Muon, the others (an untied head, then embeddings, norms, biases) to
+    torch.optim.AdamW.
 
-    weight_decay: Muon's decoupled decay of the matrices (the other groups carry their own, 0);
-    lr, betas, fused: AdamW's, for embeddings and norms; muon_lr, momentum, nesterov, ns_steps, adjust_lr_fn,
-    ns_dtype: Muon's. param_groups and state are the two inner optimizers' own objects."""
+    weight_decay: the decoupled decay of every group that names none: Muon's of the matrices, AdamW's of an
+    untied head (the no-decay group carries its own, 0);
+    lr, betas, fused: AdamW's, for the head, embeddings and norms; muon_lr, momentum, nesterov, ns_steps,
+    adjust_lr_fn, ns_dtype: Muon's. param_groups and state are the two inner optimizers' own objects."""
 
     def __init__(self, groups: list[dict], lr: float = 3e-3, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, fused: bool | None = None, muon_lr: float = 0.02,
@@ -121,7 +124,7 @@ class MuonAdamW(Optimizer):
         matrices, others = groups[0], [g for g in groups[1:] if g["params"]]
         self.muon = Muon([matrices], lr=muon_lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                          weight_decay=weight_decay, adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype)
-        self.adamw = AdamW(others, lr=lr, betas=tuple(betas), fused=fused)
+        self.adamw = AdamW(others, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=fused)
         super().__init__(self.muon.param_groups + self.adamw.param_groups, defaults={})
         self.link()
 

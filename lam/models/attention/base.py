@@ -21,7 +21,12 @@ from lam.models.rope import Rotary
 
 
 class Attention(nn.Module):
-    def __init__(self, d_model: int, n_head: int, dropout: float = 0.0, bias: bool = False, rope: bool = False):
+    """rope: rotary positions on q and k. qk_norm: RMS-normalise each head's queries and keys over its channels,
+    without weights, before rotary positions (QK-norm, as modded-nanogpt does): every q and k that `mix` sees
+    has unit RMS."""
+
+    def __init__(self, d_model: int, n_head: int, dropout: float = 0.0, bias: bool = False, rope: bool = False,
+                 qk_norm: bool = False):
         super().__init__()
         if d_model % n_head:
             raise ValueError(f"d_model={d_model} is not divisible by n_head={n_head}")
@@ -32,14 +37,18 @@ class Attention(nn.Module):
         self.dropout = dropout
         self.resid_dropout = nn.Dropout(dropout)
         self.rotary = Rotary(self.head_dim) if rope else None
+        self.qk_norm = qk_norm
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         return x.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
 
     def project(self, x: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, T, C) -> q, k, v of shape (B, H, T, D), rotated to their positions when rope is on."""
+        """(B, T, C) -> q, k, v of shape (B, H, T, D): q and k RMS-normalised per head when qk_norm is on, then
+        rotated to their positions when rope is on."""
         q, k, v = map(self.split_heads, self.qkv(x).split(x.shape[-1], dim=2))
+        if self.qk_norm:  # CUDA autocast runs rms_norm in float32: q, k stay in v's dtype, and so does a KV cache
+            q, k = (F.rms_norm(t, (self.head_dim,)).to(t.dtype) for t in (q, k))
         if self.rotary is not None:
             offset = 0 if state is None else state.offset
             q, k = self.rotary(q, offset), self.rotary(k, offset)

@@ -15,11 +15,16 @@ class Rotary(nn.Module):
         inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """x: (B, H, T, D) at positions offset .. offset+T-1."""
-        T = x.shape[-2]
-        pos = torch.arange(offset, offset + T, device=x.device, dtype=torch.float32)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k: (B, H, T, D) at positions offset .. offset+T-1, both rotated by the same angles."""
+        T = q.shape[-2]
+        pos = torch.arange(offset, offset + T, device=q.device, dtype=torch.float32)
         angles = torch.outer(pos, self.inv_freq)  # (T, D/2)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+        cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
+        return rotate(q, cos, sin), rotate(k, cos, sin)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each channel pair (x[2i], x[2i+1]) of x (..., T, D) by the angle whose cos and sin are (T, D/2)."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)

@@ -51,7 +51,7 @@ class Attention(nn.Module):
             q, k = (F.rms_norm(t, (self.head_dim,)).to(t.dtype) for t in (q, k))
         if self.rotary is not None:
             offset = 0 if state is None else state.offset
-            q, k = self.rotary(q, offset), self.rotary(k, offset)
+            q, k = self.rotary(q, k, offset)
         return q, k, v
 
     def merge(self, y: torch.Tensor) -> torch.Tensor:

@@ -3,9 +3,12 @@
     python -m benchmarks.attention                        # 256 .. 8192 tokens, every mechanism (< 10 min, 2 CPU cores)
     python -m benchmarks.attention --quick                # 256, 1024 tokens (< 1 min)
     python -m benchmarks.attention --mechanisms softmax linear linear:chunk_size=128 --lengths 4096 --core
+    python -m benchmarks.attention --mechanisms softmax linear retention gated --recompute --lengths 4096
 
 A mechanism is a conf/attention/<name>.yaml, optionally with overrides after a colon (`linear:chunk_size=32`);
 `softmax@math` forces SDPA's math kernel, textbook attention with the (T, T) scores in memory, for reference.
+`--recompute` adds, after each mechanism whose config has a `recompute` key, its row with `recompute=true` (the chunked
+mechanisms recomputed in backward; not the "recompute" of generation below).
 What is measured, per mechanism and length T (batch B, d_model, n_head):
 - train ms: forward + backward of one attention layer (q/k/v and output projections included; `--core` times the
   mechanism's `mix` alone) on a (B, T, d_model) input; the median of `--repeats` runs after one warm-up, the
@@ -58,6 +61,14 @@ def build(spec: str, d_model: int, n_head: int, device: str) -> torch.nn.Module:
     return instantiate(cfg)(d_model=d_model, n_head=n_head, dropout=0.0, bias=False, rope=False).to(device)
 
 
+def with_recompute(spec: str) -> list[str]:
+    """[spec, spec with recompute=true] for a mechanism whose config has `recompute`, else [spec]."""
+    name, _, overrides = spec.split("@")[0].partition(":")
+    if "recompute" not in OmegaConf.load(CONF / f"{name}.yaml"):
+        return [spec]
+    return [spec, f"{spec},recompute=true" if overrides else f"{spec}:recompute=true"]
+
+
 def sdpa_backend(spec: str):
     """`softmax@math` runs scaled_dot_product_attention through its reference (math) kernel, which materialises
     the (T, T) scores as textbook attention does; any other spec keeps torch's choice (flash attention on CPU)."""
@@ -81,7 +92,7 @@ def train_step(layer, x: torch.Tensor, core: bool):
         return step
     with torch.no_grad():
         q, k, v = layer.project(x)
-        extra = {"gate": layer.split_heads(layer.gate(x))} if hasattr(layer, "gate") else {}
+        extra = {"gates": layer.gates(x)} if hasattr(layer, "gate") else {}
     leaves = [t.contiguous().requires_grad_() for t in (q, k, v, *extra.values())]
 
     def step():
@@ -200,6 +211,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=5, help="timed training steps per configuration (median)")
     p.add_argument("--decode-steps", type=int, default=64, help="timed generation steps per context")
     p.add_argument("--core", action="store_true", help="time the mechanism's mix alone, without projections")
+    p.add_argument("--recompute", action="store_true",
+                   help="also each chunked mechanism with recompute=true (backward recomputes it), in the next row")
     p.add_argument("--quick", action="store_true", help=f"lengths {QUICK_LENGTHS}, 1 repeat, 24 decode steps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=1,
@@ -208,6 +221,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--markdown", default=None, help="also write the table here as markdown")
     args = p.parse_args(argv)
     lengths = args.lengths or (QUICK_LENGTHS if args.quick else LENGTHS)
+    if args.recompute:
+        args.mechanisms = [s for m in args.mechanisms for s in with_recompute(m)]
     repeats, steps = (1, 24) if args.quick else (args.repeats, args.decode_steps)
     if args.threads:
         torch.set_num_threads(args.threads)

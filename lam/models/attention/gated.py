@@ -21,6 +21,7 @@ head in retention (retention.py), which reuses `chunked` and `recurrent`.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -29,6 +30,7 @@ from torch import nn
 
 from lam.models.attention import fla_backend
 from lam.models.attention.base import Attention, HeadNorm, accumulation_dtype, chunked_flops
+from lam.models.attention.linear import recomputed
 
 
 class DecayState(NamedTuple):
@@ -75,26 +77,34 @@ def recurrent(q, k, v, g, S):
     return torch.stack(ys, dim=2), S
 
 
-def decayed_mix(q, k, v, g, state: DecayState | None, chunk_size: int, backend: str, norm: HeadNorm):
-    """What retention and GLA share: float32 accumulation, the form per call (one token: recurrent, else
-    chunked or fla's kernel), the per-head RMSNorm. g: (B, H, T, G) log gates, float32."""
+def decayed_mix(q, k, v, gates, state: DecayState | None, layer):
+    """The `mix` retention and GLA share: `decayed_state` on the state's tensor, recomputed in backward when
+    layer.recompute (linear.recomputed). layer: the Retention or GatedLinearAttention calling."""
+    S, offset = (None, 0) if state is None else state
+    y, S = recomputed(partial(decayed_state, layer=layer), layer.recompute, layer.chunk_size, (q, k, v, gates), (S,))
+    return y, DecayState(S, offset + q.shape[2])
+
+
+def decayed_state(q, k, v, gates, S, layer):
+    """float32 accumulation, the log gates layer.log_gates(gates, q) (B, H, T, G), the form per call (one token:
+    recurrent, else chunked or fla's kernel), the per-head RMSNorm layer.norm. S: the state, None: empty.
+    Returns y in v's dtype and the state after the last token."""
     dtype, acc = v.dtype, accumulation_dtype(v.dtype)
     with torch.autocast(device_type=q.device.type, enabled=False):
-        q, k, v, g = q.to(acc) * q.shape[-1] ** -0.5, k.to(acc), v.to(acc), g.to(acc)
-        if state is None:
-            S, offset = q.new_zeros(*q.shape[:2], q.shape[-1], v.shape[-1]), 0
-        else:
-            S, offset = state
+        g = layer.log_gates(gates, q).to(acc)
+        q, k, v = q.to(acc) * q.shape[-1] ** -0.5, k.to(acc), v.to(acc)
+        if S is None:
+            S = q.new_zeros(*q.shape[:2], q.shape[-1], v.shape[-1])
         if q.shape[2] == 1:
             y, S = recurrent(q, k, v, g, S)
-        elif backend == "fla":  # gates in fla's layout: (B, T, H) per head, (B, T, H, K) per channel
+        elif layer.backend == "fla":  # gates in fla's layout: (B, T, H) per head, (B, T, H, K) per channel
             per_head = g.shape[-1] == 1
             op, g_fla = ("simple_gla.chunk_simple_gla", g[..., 0]) if per_head else ("gla.chunk_gla", g)
             y, S = fla_backend.run(op, q, k, v, S, g=g_fla.transpose(1, 2), scale=1.0)
         else:
-            y, S = chunked(q, k, v, g, S, chunk_size)
-        y = norm(y)
-    return y.to(dtype), DecayState(S, offset + q.shape[2])
+            y, S = chunked(q, k, v, g, S, layer.chunk_size)
+        y = layer.norm(y)
+    return y.to(dtype), S
 
 
 class GatedLinearAttention(Attention):
@@ -107,14 +117,19 @@ class GatedLinearAttention(Attention):
         benchmarks/RESULTS.md).
     norm_eps: eps of the per-head RMSNorm on the output.
     backend: "torch", or "fla" for flash-linear-attention's chunk_gla kernel in training and prefill.
+    recompute: in training, keep only q, k, v, the gate logits and the incoming state for backward and
+        recompute the log gates, decays, chunk scores and states there (linear.recomputed). Generation and
+        no-grad calls are unaffected.
     """
 
     def __init__(self, d_model: int, n_head: int, gate_rank: int = 16, gate_temperature: float = 16.0,
-                 chunk_size: int = 8, norm_eps: float = 1e-5, backend: str = "torch", **kwargs):
+                 chunk_size: int = 8, norm_eps: float = 1e-5, backend: str = "torch", recompute: bool = False,
+                 **kwargs):
         super().__init__(d_model, n_head, **kwargs)
         fla_backend.check_backend(backend)
         self.gate = nn.Sequential(nn.Linear(d_model, gate_rank, bias=False), nn.Linear(gate_rank, d_model))
         self.gate_temperature, self.chunk_size, self.backend = gate_temperature, chunk_size, backend
+        self.recompute = recompute
         self.norm = HeadNorm(self.head_dim, norm_eps)
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,7 +139,9 @@ class GatedLinearAttention(Attention):
     def mixing_flops(self, context: int) -> float:
         return chunked_flops(self.n_head, self.head_dim, self.head_dim, self.chunk_size, context)
 
+    def log_gates(self, gates: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, D) gate logits -> log alpha = logsigmoid(gates) / tau, computed in float32."""
+        return F.logsigmoid(gates.to(accumulation_dtype(gates.dtype))) / self.gate_temperature
+
     def mix(self, q, k, v, state: DecayState | None, gates: torch.Tensor = None):
-        """gates: (B, H, T, D) gate logits; log alpha = logsigmoid(gates) / tau, computed in float32."""
-        g = F.logsigmoid(gates.to(accumulation_dtype(gates.dtype))) / self.gate_temperature
-        return decayed_mix(q, k, v, g, state, self.chunk_size, self.backend, self.norm)
+        return decayed_mix(q, k, v, gates, state, self)

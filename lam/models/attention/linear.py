@@ -10,15 +10,19 @@ Two forms of the same function:
 - `chunked`: the sequence is cut into chunks of C tokens; inside a chunk the masked quadratic form, across
   chunks the running state (S, z). O(T·C·F + T·F·Dv) time, used for training and prefill.
 - `recurrent`: one token at a time, constant memory per token, used for generation.
-Both run in float32 (at least), also under bf16 autocast: the state is a long sum.
+Both run in float32 (at least), also under bf16 autocast: the state is a long sum. With `recompute`, training
+keeps only the mechanism's inputs for backward and recomputes the rest there, a segment at a time
+(`recomputed`, which retention and gated linear attention use too).
 """
 
 from __future__ import annotations
 
+from itertools import repeat
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from lam.models.attention import fla_backend
 from lam.models.attention.base import Attention, HeadNorm, accumulation_dtype, chunked_flops
@@ -81,6 +85,33 @@ def fla_chunked(q, k, v, S, z, eps: float, normalize: bool = True):
     return y, S_out, z_t[:, :, -1]
 
 
+# tokens (rounded up to whole chunks) that `recomputed` recomputes at once in backward. The layer's peak at
+# T = 4096 against softmax's: 1.91x with the whole sequence as one segment, 0.96x with 512, 0.89x with 256,
+# 0.82x with 64 but at 1.35x 256's step time (benchmarks/RESULTS.md)
+SEGMENT = 256
+
+
+def recomputed(fn, recompute: bool, chunk_size: int, inputs: tuple, state: tuple):
+    """fn(*inputs, *state) -> (y, *state): a mechanism on (B, H, T, .) inputs (None: absent) from a state.
+
+    With `recompute`, in training (grad enabled, more than one token), the sequence is cut into segments of
+    SEGMENT tokens, each run under activation checkpointing from the state the previous one left: autograd
+    keeps only each segment's inputs and incoming state, and backward recomputes one segment at a time, so
+    the feature maps, float32 copies, chunk scores and per-chunk states of at most one segment are held at
+    once (one checkpoint of the whole sequence would hold them all again in backward). Segments are whole
+    chunks, so the chunks are those of one pass. fn draws no random numbers (dropout is outside mix), so no
+    RNG state is stashed."""
+    if not (recompute and torch.is_grad_enabled() and inputs[0].shape[2] > 1):
+        return fn(*inputs, *state)
+    size = -(-SEGMENT // chunk_size) * chunk_size
+    pieces = [repeat(None) if t is None else t.split(size, dim=2) for t in inputs]
+    ys = []
+    for piece in zip(*pieces):
+        y, *state = checkpoint(fn, *piece, *state, use_reentrant=False, preserve_rng_state=False)
+        ys.append(y)
+    return torch.cat(ys, dim=2), *state
+
+
 class LinearAttention(Attention):
     """Multi-head causal linear attention.
 
@@ -92,11 +123,14 @@ class LinearAttention(Attention):
         (possible with relu) gives 0 instead of 0/0.
     norm_eps: eps of the RMSNorm used when normalize=False.
     backend: "torch", or "fla" for flash-linear-attention's CUDA kernels in training and prefill.
+    recompute: in training, keep only q, k, v and the incoming state for backward and recompute the feature
+        maps, chunk scores and states there, SEGMENT tokens at a time: less memory for a second forward of the
+        mechanism (`recomputed`). Generation and no-grad calls are unaffected.
     """
 
     def __init__(self, d_model: int, n_head: int, feature_map: str = "elu1", normalize: bool = True,
                  chunk_size: int = 64, eps: float = 1e-6, norm_eps: float = 1e-5, backend: str = "torch",
-                 **kwargs):
+                 recompute: bool = False, **kwargs):
         super().__init__(d_model, n_head, **kwargs)
         if feature_map not in FEATURE_MAPS:
             raise ValueError(f"unknown feature_map {feature_map!r}; choose one of {sorted(FEATURE_MAPS)}")
@@ -106,6 +140,7 @@ class LinearAttention(Attention):
         fla_backend.check_backend(backend)
         self.phi = FEATURE_MAPS[feature_map]
         self.normalize, self.chunk_size, self.eps, self.backend = normalize, chunk_size, eps, backend
+        self.recompute = recompute
         self.norm = None if normalize else HeadNorm(self.head_dim, norm_eps)
 
     def mixing_flops(self, context: int) -> float:
@@ -113,14 +148,18 @@ class LinearAttention(Attention):
         return chunked_flops(self.n_head, features, self.head_dim, self.chunk_size, context)
 
     def mix(self, q, k, v, state: LinearState | None, gates=None):
+        S, z, offset = (None, None, 0) if state is None else state
+        y, S, z = recomputed(self.mix_state, self.recompute, self.chunk_size, (q, k, v), (S, z))
+        return y, LinearState(S, z, offset + q.shape[2])
+
+    def mix_state(self, q, k, v, S, z):
+        """mix from the state's tensors (None: empty): y in v's dtype and the (S, z) after the last token."""
         dtype, acc = v.dtype, accumulation_dtype(v.dtype)
         with torch.autocast(device_type=q.device.type, enabled=False):
             q, k, v = self.phi(q.to(acc)), self.phi(k.to(acc)), v.to(acc)
-            if state is None:
+            if S is None:
                 B, H, _, Fd = k.shape
-                S, z, offset = k.new_zeros(B, H, Fd, v.shape[-1]), k.new_zeros(B, H, Fd), 0
-            else:
-                S, z, offset = state
+                S, z = k.new_zeros(B, H, Fd, v.shape[-1]), k.new_zeros(B, H, Fd)
             if q.shape[2] == 1:
                 y, S, z = recurrent(q, k, v, S, z, self.eps, self.normalize)
             elif self.backend == "fla":
@@ -129,4 +168,4 @@ class LinearAttention(Attention):
                 y, S, z = chunked(q, k, v, S, z, self.chunk_size, self.eps, self.normalize)
             if self.norm is not None:
                 y = self.norm(y)
-        return y.to(dtype), LinearState(S, z, offset + q.shape[2])
+        return y.to(dtype), S, z

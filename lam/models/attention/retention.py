@@ -32,21 +32,26 @@ class Retention(Attention):
     chunk_size: tokens per chunk of the parallel form (64: fastest on CPU, benchmarks/RESULTS.md).
     norm_eps: eps of the per-head RMSNorm on the output.
     backend: "torch", or "fla" for flash-linear-attention's chunk_simple_gla kernel in training and prefill.
+    recompute: in training, keep only q, k, v and the incoming state for backward and recompute the decays,
+        chunk scores and states there (linear.recomputed). Generation and no-grad calls are unaffected.
     """
 
     def __init__(self, d_model: int, n_head: int, chunk_size: int = 64, norm_eps: float = 1e-5,
-                 backend: str = "torch", **kwargs):
+                 backend: str = "torch", recompute: bool = False, **kwargs):
         super().__init__(d_model, n_head, **kwargs)
         fla_backend.check_backend(backend)
-        self.chunk_size, self.backend = chunk_size, backend
+        self.chunk_size, self.backend, self.recompute = chunk_size, backend, recompute
         self.norm = HeadNorm(self.head_dim, norm_eps)
 
     def mixing_flops(self, context: int) -> float:
         return chunked_flops(self.n_head, self.head_dim, self.head_dim, self.chunk_size, context)
 
-    def mix(self, q, k, v, state: DecayState | None, gates=None):
+    def log_gates(self, gates: None, q: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, 1): log gamma_h at every token."""
         B, H, T, _ = q.shape
         # computed here, not held in a buffer, which model.to(torch.bfloat16) would round
         log_gamma = gammas(H).log().to(q.device, accumulation_dtype(q.dtype))
-        g = log_gamma.view(1, H, 1, 1).expand(B, H, T, 1)
-        return decayed_mix(q, k, v, g, state, self.chunk_size, self.backend, self.norm)
+        return log_gamma.view(1, H, 1, 1).expand(B, H, T, 1)
+
+    def mix(self, q, k, v, state: DecayState | None, gates=None):
+        return decayed_mix(q, k, v, gates, state, self)

@@ -4,6 +4,7 @@
     python -m benchmarks.train_speed --quick            # 1 repeat, fewer steps (< 2 min)
     python -m benchmarks.train_speed --mode quality     # time to val loss <= 1.886, nanoGPT vs the speedrun (7 min)
     python -m benchmarks.train_speed --mode profile     # torch.profiler: time in aten ops vs around them
+    python -m benchmarks.train_speed --mode overhead    # the framework's ms a step, on a model too small to hide it
     python -m benchmarks.train_speed --lam compile=true optim.fused=false   # extra lam.train overrides
 
 Both sides train lam.models.LAM at nanoGPT's CPU recipe (experiment=shakespeare_char_cpu: 4 layers, 4 heads,
@@ -24,6 +25,9 @@ Quality mode: nanoGPT's recipe exactly on the plain side (the hyperparameters ab
 lr·(it+1)/(warmup+1), weight decay on every parameter of 2 or more dimensions, embeddings included), run to
 its 2000 steps and evaluated as nanoGPT evaluates it (every 250 steps, 20 batches of 12 windows, here lam's own
 validation windows), against `--preset` (experiment=shakespeare_char_speedrun) as it stands. See quality_main.
+Overhead mode: what LAM's loop costs around a step, where the kernels cannot hide it: OVERHEAD's model (1 layer,
+16 wide, block 8, batch 2) on one thread, fp32 and torch's AdamW on both sides, every other default of conf/ on
+LAM's; 1500 steps, ms/step from step 500 on, 5 repeats alternating, the difference per adjacent pair.
 Profile mode: one run each under torch.profiler from step `--warmup` on; per step, the time inside aten ops
 (the kernels, the same code on both sides) against the time around them (Python, autograd, framework).
 """
@@ -48,6 +52,10 @@ TARGET = 1.886  # nanoGPT's val loss for this recipe after 2000 steps (nanoGPT R
 RECIPE = ["experiment=shakespeare_char_cpu"]  # nanoGPT's: the plain loop's always, LAM's in speed mode
 SPEEDRUN = "shakespeare_char_speedrun"  # LAM's preset in quality mode
 NANOGPT_EVAL = {"eval_every": 250, "eval_batches": 20}  # nanoGPT's eval_interval and the recipe's eval_iters
+# overhead mode: a model whose step is ~1 ms of kernels, both sides on one thread, in fp32 with torch's AdamW
+OVERHEAD = ["model.n_layer=1", "model.n_head=1", "model.n_embd=16", "data.block_size=8", "data.batch_size=2",
+            "threads=1"]
+OVERHEAD_LAM = ["trainer.precision=32-true", "optim.fused=null"]
 
 
 # ---- the two workers, each in its own process ------------------------------------------------------------------
@@ -129,6 +137,8 @@ def run_plain(spec: dict) -> dict:
     from lam.models import LAM
 
     start = time.perf_counter()
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
     train_data = np.memmap(spec["train_bin"], dtype=spec["dtype"], mode="r")
     val_data = np.memmap(spec["val_bin"], dtype=spec["dtype"], mode="r")
@@ -238,7 +248,7 @@ def plain_spec(cfg, attention_cfg: dict) -> dict:
     return {"train_bin": str(data.cache_dir / "train.bin"), "val_bin": str(data.cache_dir / "val.bin"),
             "dtype": meta["dtype"], "vocab_size": meta["vocab_size"], "seed": cfg.seed,
             "batch_size": cfg.data.batch_size, "block_size": cfg.data.block_size, "model": model,
-            "eval_batches": cfg.data.eval_batches,
+            "eval_batches": cfg.data.eval_batches, "threads": cfg.get("threads"),
             "attention": attention_cfg,
             "hp": {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "weight_decay": cfg.optim.weight_decay,
                    "warmup": cfg.scheduler.warmup_steps, "total": cfg.trainer.max_steps,
@@ -283,7 +293,7 @@ def print_profile(console, profiles: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=["speed", "quality", "profile"], default="speed")
+    parser.add_argument("--mode", choices=["speed", "quality", "profile", "overhead"], default="speed")
     parser.add_argument("--attention", nargs="+", default=["softmax", "linear"])
     parser.add_argument("--steps", type=int, default=300, help="speed mode: training steps per run")
     parser.add_argument("--warmup", type=int, default=50, help="steps left out of the steady state")
@@ -300,6 +310,8 @@ def main() -> None:
         args.repeats, args.steps, args.warmup = 1, 100, 30
     if args.mode == "quality":
         return quality_main(args)
+    if args.mode == "overhead":
+        return overhead_main(args)
     profiling = args.mode == "profile"
 
     import torch
@@ -378,6 +390,46 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"peak_gflops": peak, "flops": flops, "results": {
             f"{a}/{k}": v for (a, k), v in results.items()}}, indent=1))
+
+
+def overhead_main(args) -> None:
+    """LAM's ms/step against the plain loop's on OVERHEAD's model, repeats alternating (the order flips every
+    repeat); the framework's cost is the difference within each adjacent pair, whose median is reported."""
+    from omegaconf import OmegaConf
+    from rich.console import Console
+    from rich.table import Table
+
+    from lam.config import compose_train
+
+    steps = args.steps if args.steps != 300 else 1500  # 300: the speed mode's default
+    warmup = args.warmup if args.warmup != 50 else 500
+    console = Console(width=130)
+    tmp = Path(tempfile.mkdtemp(prefix="lam-overhead-"))
+    both = [*RECIPE, *OVERHEAD, "attention=softmax", f"trainer.max_steps={steps}",
+            f"trainer.val_check_interval={steps}"]
+    cfg = compose_train(both, tmp / "compose")
+    plain = {**plain_spec(cfg, OmegaConf.to_container(cfg.attention, resolve=True)), "steps": steps,
+             "warmup": warmup, "quality": False}
+    lam = {"overrides": [*both, *OVERHEAD_LAM, *args.lam], "warmup": warmup}
+    console.print(f"load average before: {os.getloadavg()}")
+    pairs = []
+    for r in range(args.repeats):
+        ms = {}
+        for kind in (("lam", "plain") if r % 2 == 0 else ("plain", "lam")):
+            ms[kind] = launch(kind, {**lam, "output_dir": str(tmp / f"lam-{r}")} if kind == "lam" else plain)["ms_step"]
+        console.print(f"repeat {r}: lam {ms['lam']:.3f} ms/step, plain {ms['plain']:.3f}")
+        pairs.append(ms)
+    console.print(f"load average after: {os.getloadavg()}")
+    table = Table(title=f"overhead: ms/step on a 1-layer, 16-wide model (block 8, batch 2, one thread, fp32), "
+                        f"{args.repeats} repeats")
+    for col in ("", "repeats", "median"):
+        table.add_column(col, justify="left" if not col else "right")
+    for name, values in (("lam", [p["lam"] for p in pairs]), ("plain", [p["plain"] for p in pairs]),
+                         ("lam - plain", [p["lam"] - p["plain"] for p in pairs])):
+        table.add_row(name, ", ".join(f"{v:.2f}" for v in values), f"{statistics.median(values):.2f}")
+    console.print(table)
+    if args.json:
+        args.json.write_text(json.dumps(pairs, indent=1))
 
 
 def quality_main(args) -> None:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -91,3 +92,12 @@ def report_user_errors(fn: Callable) -> Callable:
             sys.exit(1)
 
     return wrapper
+
+
+def set_threads(threads) -> None:
+    """torch.set_num_threads(threads) for an entry point's `threads` key; None leaves torch's choice."""
+    if threads is None:
+        return
+    if type(threads) is not int or threads < 1:
+        raise UserError(f"threads takes an integer from 1 up, or null, got {threads!r}")
+    torch.set_num_threads(threads)

@@ -13,7 +13,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from lam.config import config_dir, report_user_errors
+from lam.config import config_dir, report_user_errors, set_threads
 from lam.data.tokenizer import Tokenizer, check_same_tokenizer, load_tokenizer
 from lam.errors import UserError
 from lam.models import stream
@@ -102,12 +102,14 @@ def main(cfg: DictConfig) -> None:
     check_sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
     if not isinstance(cfg.num_samples, int) or cfg.num_samples < 1:
         raise UserError(f"num_samples must be an integer >= 1, got {cfg.num_samples!r}")
+    set_threads(cfg.threads)
     model, source = load_model(cfg.model, cfg.ckpt, cfg.device)
     if cfg.tokenizer_file:
         check_same_tokenizer(cfg.tokenizer_file, model.tokenizer, source)
     generator = torch.Generator(cfg.device).manual_seed(cfg.seed)
     options = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, use_cache=cfg.use_cache,
-                   compile=cfg.compile, generator=generator, stop=command_line_stops(cfg.stop))
+                   compile=cfg.compile, context_shift=cfg.context_shift, generator=generator,
+                   stop=command_line_stops(cfg.stop))
     if cfg.num_samples == 1:
         sample(model.net, model.tokenizer, cfg.prompt, cfg.max_new_tokens, **options)
         return

@@ -14,13 +14,12 @@ import ipaddress
 import sys
 from pathlib import Path
 
-import torch
 import uvicorn
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, GrammarParseError
 
 import lam
-from lam.config import config_dir, report_user_errors
+from lam.config import config_dir, report_user_errors, set_threads
 from lam.errors import UserError
 from lam.serving.server import create_app
 
@@ -62,10 +61,7 @@ def main(args: list[str] | None = None) -> None:
         print((config_dir() / "serve.yaml").read_text(encoding="utf-8"))
         return
     cfg = read_config(args)
-    if cfg.threads is not None:
-        if type(cfg.threads) is not int or cfg.threads < 1:
-            raise UserError(f"threads takes an integer from 1 up, or null, got {cfg.threads!r}")
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     model = lam.load(cfg.model)
     model_id = cfg.model_id or Path(cfg.model).stem
     app = create_app(model, model_id, max_prompt_tokens=cfg.max_prompt_tokens, max_tokens=cfg.max_tokens)

@@ -127,3 +127,41 @@ def test_a_failing_compile_falls_back_to_eager_with_the_same_tokens(monkeypatch)
     with pytest.warns(UserWarning, match="torch.compile failed on the one-token step .NameError"):
         assert greedy(net, prompt, 20, compile=True) == greedy(net, prompt, 20)
     assert sampling.COMPILED[net] is net  # one failure: the model decodes eagerly from then on
+
+
+@torch.no_grad()
+def shifted_reference(net, prompt: list[int], n: int) -> list[int]:
+    """Greedy tokens under llama.cpp's context shift, each from its whole context recomputed: the last
+    block_size tokens of the prompt, then, whenever the context outgrows block_size, its last half."""
+    ids, limit = list(prompt), net.max_context
+    begin = max(0, len(ids) - limit)
+    for _ in range(n):
+        if len(ids) - begin > limit:
+            begin = len(ids) - limit // 2
+        ids.append(int(net(torch.tensor([ids[begin:]]))[0][0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("attention", ["softmax", "linear", "gated"])
+@pytest.mark.parametrize("prompt_len", [3, 20])  # shorter and longer than block_size
+def test_context_shift_decodes_the_tokens_of_its_recomputed_contexts(attention, prompt_len):
+    """With learned positions (block 16), 40 tokens shift the context twice or more: the cached path, the
+    uncached one and a reference recomputing each context give the same tokens, other than the sliding
+    window's."""
+    from decoding import context_sensitive_lam
+    from lam.models.attention import GatedLinearAttention, LinearAttention, SoftmaxAttention
+
+    mechanism = {"softmax": SoftmaxAttention, "linear": LinearAttention, "gated": GatedLinearAttention}[attention]
+    net = context_sensitive_lam(mechanism, "learned", block_size=16)
+    prompt = torch.randint(50, (1, prompt_len), generator=torch.Generator().manual_seed(1))
+    shifted = greedy(net, prompt, 40, context_shift=True)
+    assert shifted == shifted_reference(net, prompt[0].tolist(), 40) and len(set(shifted)) > 5
+    assert greedy(net, prompt, 40, context_shift=True, use_cache=False) == shifted
+    assert greedy(net, prompt, 40) != shifted  # the sliding window sees other contexts
+
+
+def test_generate_refuses_a_bad_thread_count_before_loading():
+    result = subprocess.run([sys.executable, "-m", "lam.generate", "ckpt=missing.ckpt", "threads=0"],
+                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: threads takes an integer from 1 up, or null, got 0"

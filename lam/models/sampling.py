@@ -2,7 +2,8 @@
 
 With `use_cache=True` each step feeds only the newest token and the state (KV cache, recurrent state);
 without it every step recomputes the whole context. Both give the same tokens. Models with learned positions
-(`max_context` set) see at most the last `max_context` tokens; past that each step recomputes a cropped window.
+(`max_context` set) see at most the last `max_context` tokens; past that each step recomputes a cropped window,
+or, with `context_shift=True`, the context restarts from its last half and the cache carries on.
 `compile=True` runs the one-token steps through torch.compile (the prompt's pass stays eager): the first call
 compiles for a few seconds, then each token costs a fraction of the eager step's kernel launches.
 """
@@ -47,17 +48,27 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 @torch.no_grad()
 def stream(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
            top_k: int | None = None, top_p: float = 1.0, use_cache: bool = True,
-           generator: torch.Generator | None = None, compile: bool = False) -> Iterator[torch.Tensor]:
-    """Yield (B, 1) new token ids one step at a time, continuing the (B, T) prompt `idx`."""
+           generator: torch.Generator | None = None, compile: bool = False,
+           context_shift: bool = False) -> Iterator[torch.Tensor]:
+    """Yield (B, 1) new token ids one step at a time, continuing the (B, T) prompt `idx`.
+
+    context_shift: what a model with learned positions does once the context fills its `max_context`. False:
+    every step sees the last max_context tokens, recomputed (nanoGPT's generate). True: the context restarts
+    from its last half, recomputed once, and grows one cached token at a time until full again (llama.cpp's
+    context shift): each token sees max_context/2 to max_context tokens, at about the cost of a cached step."""
     limit = getattr(model, "max_context", None)
     step = compiled_step(model) if compile and use_cache else model
-    seq, state = idx, None
+    seq, state, begin = idx, None, 0  # the model sees seq[:, begin:]
     for _ in range(max_new_tokens):
-        window = seq if limit is None else seq[:, -limit:]
-        if not use_cache or state is None:  # the prompt's pass, or every step without the cache: eager
+        if limit is not None and seq.shape[1] - begin > limit:  # the window outgrew the position table
+            begin = seq.shape[1] - (max(1, limit // 2) if context_shift and state is not None else limit)
+            if context_shift:
+                state = None
+        window = seq[:, begin:]
+        if not use_cache or state is None:  # the prompt's pass, a shifted context's, or every step uncached
             logits, state = model(window)
         else:
-            one_token = limit is None or seq.shape[1] <= limit  # else past max_context: the cropped window
+            one_token = begin == 0 or context_shift  # else past max_context: the whole window, every step
             try:
                 logits, state = step(seq[:, -1:], state) if one_token else step(window)
             except Exception as e:  # torch.compile's failures have many types; eager gives the same tokens

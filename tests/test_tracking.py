@@ -328,9 +328,12 @@ def test_train_log_holds_the_runs_log_and_the_terminal_only_what_informs(tmp_pat
 
 
 @pytest.mark.slow
-def test_the_progress_bar_redraws_every_refresh_every_batches_and_at_the_last(tmp_path, corpus, monkeypatch):
-    """callbacks.progress_bar.refresh_every=4 over 10 steps: Lightning's redraw runs after batches 4, 8 and
-    10 (it ran after every batch: 2.4 ms a step on a CPU), so the bar still ends at 10/10."""
+@pytest.mark.parametrize("interval, drawn_after", [(0, list(range(1, 11))), (3600, [1, 10])])
+def test_the_progress_bar_redraws_at_most_every_refresh_interval_and_at_the_last(tmp_path, corpus, monkeypatch,
+                                                                                 interval, drawn_after):
+    """callbacks.progress_bar.refresh_interval_s over 10 steps: 0 redraws after every batch, as Lightning's
+    bar does (2.4 ms a step on a CPU); an hour redraws after the first batch and the last, so the bar still
+    ends at 10/10."""
     from lightning.pytorch.callbacks import RichProgressBar
 
     drawn = []
@@ -343,5 +346,5 @@ def test_the_progress_bar_redraws_every_refresh_every_batches_and_at_the_last(tm
     monkeypatch.setattr(RichProgressBar, "on_train_batch_end", record)
     with_bar = [o for o in TINY if not o.startswith("trainer.enable_progress_bar")]
     train(compose_train([*with_bar, "data=custom", f"data.path={corpus}", "trainer.max_steps=10",
-                         "callbacks.progress_bar.refresh_every=4"], tmp_path / "run"))
-    assert drawn == [4, 8, 10]
+                         f"callbacks.progress_bar.refresh_interval_s={interval}"], tmp_path / "run"))
+    assert drawn == drawn_after

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from pathlib import Path
 
@@ -36,17 +37,26 @@ class StepProgressBar(RichProgressBar):
     """Rich's progress bar, labelled "train" instead of Lightning's "Epoch 0/-2": LAM's training stream is
     endless and runs are measured in steps (the bar counts them up to trainer.max_steps).
 
-    refresh_every: redraw the bar and its metrics every this many training batches, and at the last. Lightning's
-    RichProgressBar redraws after every batch: 2.4 ms a step on a 2-core AVX512-BF16 Xeon, more than the whole
-    step of a tiny model (benchmarks/RESULTS.md, Training speed)."""
+    refresh_interval_s: redraw the bar and its metrics after a training batch at most every this many seconds
+    (as tqdm's mininterval), and after the first and the last. Lightning's RichProgressBar redraws after every
+    batch: 2.4 ms a step on a 2-core AVX512-BF16 Xeon, more than the whole step of a tiny model
+    (benchmarks/RESULTS.md, Training speed)."""
 
     SHOWN = ("train/loss", "tokens_per_sec")
 
-    def __init__(self, refresh_every: int = 10, **kwargs):
+    def __init__(self, refresh_interval_s: float = 0.5, **kwargs):
         super().__init__(**kwargs)
-        if refresh_every < 1:
-            raise ValueError(f"refresh_every must be >= 1, got {refresh_every}")
-        self.refresh_every = refresh_every
+        if refresh_interval_s < 0:
+            raise ValueError(f"refresh_interval_s must be >= 0, got {refresh_interval_s}")
+        self.refresh_interval_s = refresh_interval_s
+        self.drawn_at = -math.inf
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        now = time.monotonic()
+        last = trainer.global_step >= (trainer.max_steps if trainer.max_steps > 0 else float("inf"))
+        if now - self.drawn_at >= self.refresh_interval_s or last or trainer.should_stop:
+            self.drawn_at = now
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def _get_train_description(self, current_epoch: int) -> str:
         return "train"
@@ -58,11 +68,6 @@ class StepProgressBar(RichProgressBar):
         step = {**getattr(pl_module, "logged_step_metrics", {}), **getattr(pl_module, "step_metrics", {})}
         shown = {k: float(step[k]) for k in self.SHOWN if k in step}
         return {**items, **{k: round(v) if v >= 1000 else v for k, v in shown.items()}}  # 12051, not 12051.061
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        last = trainer.global_step >= (trainer.max_steps if trainer.max_steps > 0 else float("inf"))
-        if (batch_idx + 1) % self.refresh_every == 0 or last or trainer.should_stop:
-            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
 class Throughput(L.Callback):

@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import rich
+import torch
 import wandb
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -348,3 +349,17 @@ def test_the_progress_bar_redraws_at_most_every_refresh_interval_and_at_the_last
     train(compose_train([*with_bar, "data=custom", f"data.path={corpus}", "trainer.max_steps=10",
                          f"callbacks.progress_bar.refresh_interval_s={interval}"], tmp_path / "run"))
     assert drawn == drawn_after
+
+
+def test_the_progress_bar_shows_this_steps_metrics_else_the_last_written():
+    from types import SimpleNamespace
+
+    from lam.training.callbacks import StepProgressBar
+
+    bar = StepProgressBar()
+    trainer = SimpleNamespace(progress_bar_metrics={"val/loss": 2.5}, loggers=[])
+    module = SimpleNamespace(logged_step_metrics={"train/loss": 3.0, "tokens_per_sec": 12051.4, "lr": 0.1},
+                             step_metrics={})
+    assert bar.get_metrics(trainer, module) == {"val/loss": 2.5, "train/loss": 3.0, "tokens_per_sec": "12051"}
+    module.step_metrics = {"train/loss": torch.tensor(2.0)}  # this step's, not yet written
+    assert bar.get_metrics(trainer, module)["train/loss"] == 2.0

@@ -67,7 +67,7 @@ class StepProgressBar(RichProgressBar):
         items = super().get_metrics(trainer, pl_module)
         step = {**getattr(pl_module, "logged_step_metrics", {}), **getattr(pl_module, "step_metrics", {})}
         shown = {k: float(step[k]) for k in self.SHOWN if k in step}
-        return {**items, **{k: round(v) if v >= 1000 else v for k, v in shown.items()}}  # 12051, not 12051.061
+        return {**items, **{k: f"{v:.0f}" if v >= 1000 else v for k, v in shown.items()}}  # 12051, not 12051.000
 
 
 class Throughput(L.Callback):

@@ -21,9 +21,11 @@ COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> it
 
 
 def compiled_step(model: nn.Module) -> Callable:
-    """torch.compile(model) with dynamic shapes (the context grows every step), made once per model."""
+    """torch.compile(model) with dynamic shapes (the context grows every step), made once per model. Inductor's
+    C++ wrapper calls the kernels of a step without Python in between: the default model's one-token steps
+    went from 1,944 to 2,260 tokens/s for 10 s more of compiling (2-core AVX512-BF16 EPYC, one thread)."""
     if model not in COMPILED:
-        COMPILED[model] = torch.compile(model, dynamic=True)
+        COMPILED[model] = torch.compile(model, dynamic=True, options={"cpp_wrapper": True})
     return COMPILED[model]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from lam.config import config_dir, report_user_errors
+from lam.config import config_dir, report_user_errors, set_threads
 from lam.errors import UserError
 from lam.generate import command_line_stops, load_model
 from lam.serving.model import check_sampling
@@ -67,9 +67,11 @@ def chat(session: Session, read=input, write=print) -> None:
 @report_user_errors
 def main(cfg: DictConfig) -> None:
     check_sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    set_threads(cfg.threads)
     model, source = load_model(cfg.model, cfg.ckpt, cfg.device)
     stop = command_line_stops(cfg.stop)
-    session = Session(model, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, stop, cfg.seed)
+    session = Session(model, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, stop, cfg.seed,
+                      cfg.context_shift)
     info = model.info
     print(f"{source}: {info['parameters']:,} parameters, {info['attention']}, {info['tokenizer']}; {HELP}")
     chat(session)

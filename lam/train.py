@@ -24,13 +24,12 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lam.config import config_dir, report_user_errors, user_error
+from lam.config import config_dir, report_user_errors, set_threads, user_error
 from lam.errors import UserError
 from lam.models.flops import flops_per_token
 from lam.sweep import needs_own_process, run_as_own_process
@@ -61,6 +60,7 @@ VALUE_CHECKS = [
     ("data.eval_batches", is_positive_int, "must be an integer >= 1 (validation batches)"),
     ("trainer.max_steps", is_positive_int, "must be an integer >= 1 (the training stream has no end)"),
     ("trainer.accumulate_grad_batches", is_positive_int, "must be an integer >= 1"),
+    ("threads", is_positive_int, "must be an integer >= 1, or null for torch's choice"),
 ]
 
 
@@ -117,8 +117,7 @@ def start_from(cfg: DictConfig) -> Start:
 def train(cfg: DictConfig) -> float | None:
     """Train as `cfg` says; the final validation loss (None without validation)."""
     check_values(cfg)
-    if cfg.get("threads"):
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.get("threads"))
     L.seed_everything(cfg.seed, workers=True)
     start = start_from(cfg) if cfg.get("init_from") else None
     datamodule = instantiate(cfg.data, **({"tokenizer": start.tokenizer} if start else {}))

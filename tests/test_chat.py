@@ -57,6 +57,37 @@ def test_three_turns_give_the_tokens_of_the_whole_transcript(attention, pos, blo
     assert len(session.ids) > block_size or pos == "rope"
 
 
+def shifted(m: Model, turns: list[str], new_tokens: int) -> list[list[int]]:
+    """Each turn's greedy tokens under context shift, each from its context recomputed: the context begins at
+    `begin`, which moves to the last max_context // 2 tokens whenever the context outgrows max_context (to the
+    last max_context when the first pass already does)."""
+    limit, ids, replies, begin = m.net.max_context, [], [], 0
+    with torch.no_grad():
+        for text in turns:
+            ids += TOKENIZER.encode(text)
+            reply = []
+            for _ in range(new_tokens):
+                if len(ids) - begin > limit:
+                    begin = len(ids) - (limit // 2 if replies or reply else limit)
+                reply.append(int(m.net(torch.tensor([ids[begin:]]))[0][0, -1].argmax()))
+                ids.append(reply[-1])
+            replies.append(reply)
+    return replies
+
+
+@pytest.mark.parametrize("first", [TURNS[0], "the king: " * 5])  # the first pass within block_size, or past it
+def test_context_shift_gives_the_tokens_of_its_shifted_contexts(first):
+    """Learned positions, block_size 40, 20 tokens a turn: the context shifts several times, in a reply and where
+    a turn's text arrives; each token is the one its shifted context gives, recomputed."""
+    m = model(SoftmaxAttention, "learned", 40)
+    turns = [first, *TURNS[1:]]
+    session = Session(m, max_new_tokens=20, temperature=0, context_shift=True)
+    replies = [list(session.tokens(text)) for text in turns]
+    assert replies == shifted(m, turns, 20)
+    assert replies != recomputed(m, turns, 20)  # the shifted contexts are shorter than the sliding window's
+    assert session.begin > 40 and len(session.ids) - session.begin <= 40
+
+
 def test_the_last_sampled_token_is_fed_with_the_next_turn():
     m = model(SoftmaxAttention, "rope")
     session = Session(m, max_new_tokens=5, temperature=0)
@@ -96,7 +127,7 @@ def test_chat_streams_resets_and_quits_in_a_terminal(tmp_path):
     assert len(set(first)) > 5 and first != second
 
     child = pexpect.spawn(sys.executable, ["-m", "lam.chat", f"model={tmp_path / 'm.lam'}", "temperature=0",
-                                           "max_new_tokens=300"], encoding="utf-8", timeout=60,
+                                           "max_new_tokens=300", "threads=1", "context_shift=true"], encoding="utf-8", timeout=60,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     child.expect("you> ")
     child.sendline("the king")

@@ -1,5 +1,5 @@
 """`recompute=True` of the chunked mechanisms (linear, retention, gated; `recomputed` in
-lam/models/attention/linear.py): the outputs, states and gradients of `recompute=False`, far fewer bytes saved
+lam/models/attention/base.py): the outputs, states and gradients of `recompute=False`, far fewer bytes saved
 for backward (counted with saved_tensors_hooks: deterministic, no timing), and generation untouched."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 
 from decoding import context_sensitive_lam
 from lam.models import generate
-from lam.models.attention import GatedLinearAttention, LinearAttention, Retention, linear
+from lam.models.attention import GatedLinearAttention, LinearAttention, Retention, base
 
 CASES = {  # name: (class, options)
     "linear": (LinearAttention, {"chunk_size": 8}),
@@ -45,7 +45,7 @@ def prompt_then_continuation(layer, x: torch.Tensor, cut: int = 13):
 def test_recompute_gives_the_same_outputs_states_and_gradients(name, monkeypatch):
     """Float64; a continuation of 47 tokens (not a multiple of the chunk) from a 13-token prompt's state, in
     segments of 16 or 12 tokens: several checkpoints, each started from the state the previous one left."""
-    monkeypatch.setattr(linear, "SEGMENT", 12)
+    monkeypatch.setattr(base, "SEGMENT", 12)
     x = torch.randn(2, 60, 32, dtype=torch.float64, requires_grad=True)
     expected = prompt_then_continuation(make(name, recompute=False), x)
     for got, want in zip(prompt_then_continuation(make(name, recompute=True), x), expected, strict=True):
@@ -106,7 +106,7 @@ def test_generation_does_not_recompute(name, monkeypatch):
     grad; the same tokens as without recompute; a training forward does checkpoint."""
     cls, options = CASES[name]
     calls = []
-    monkeypatch.setattr(linear, "checkpoint", lambda fn, *args, **kwargs: calls.append(1) or fn(*args))
+    monkeypatch.setattr(base, "checkpoint", lambda fn, *args, **kwargs: calls.append(1) or fn(*args))
     nets = [context_sensitive_lam(functools.partial(cls, **options, recompute=r), "rope") for r in (False, True)]
     prompt = torch.randint(50, (2, 9))
     plain, recomputing = (generate(net, prompt, 12, temperature=0) for net in nets)

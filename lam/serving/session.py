@@ -2,7 +2,9 @@
 
 The state is the recurrent state for the linear family and the KV cache for softmax; each turn feeds only the
 tokens the state has not seen: the last token sampled in the turn before (sampled, not yet fed) and the new text.
-A model with learned positions sees at most its last block_size tokens: past that each step recomputes them.
+A model with learned positions sees at most its last block_size tokens. Past that, as `stream` does: each step
+recomputes the last block_size tokens, or with `context_shift` the state restarts from the last half of them and
+carries on (llama.cpp's context shift).
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from lam.serving.model import Model, check_sampling, seeded_generator, stop_list
 
 class Session:
     """The transcript of a conversation with `model` and the state that has read it. Sampling settings are
-    attributes, changeable between turns."""
+    attributes, changeable between turns; context_shift: as `lam.models.sampling.stream`'s."""
 
     def __init__(self, model: Model, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int | None = None,
-                 top_p: float = 1.0, stop: str | Sequence[str] | None = None, seed: int | None = None):
-        self.model = model
+                 top_p: float = 1.0, stop: str | Sequence[str] | None = None, seed: int | None = None,
+                 context_shift: bool = False):
+        self.model, self.context_shift = model, context_shift
         self.max_new_tokens, self.temperature, self.top_k, self.top_p = max_new_tokens, temperature, top_k, top_p
         self.stop = stop_list(stop)
         self.generator = seeded_generator(model.device, seed)
@@ -30,19 +33,19 @@ class Session:
     def reset(self) -> None:
         """Forget the transcript and the state."""
         self.ids: list[int] = []  # every token of the transcript, fed or not
-        self.state, self.fed = None, 0  # the state has read self.ids[:self.fed]
+        self.state, self.begin, self.fed = None, 0, 0  # the state has read self.ids[self.begin:self.fed]
 
     @torch.no_grad()
     def next_logits(self) -> torch.Tensor:
         """(1, vocab) logits after the whole transcript, feeding the state what it has not read."""
         limit = getattr(self.model.net, "max_context", None)
-        device = self.model.device
-        if limit is not None and len(self.ids) > limit:  # learned positions: recompute the last block_size
-            logits, _ = self.model.net(torch.tensor([self.ids[-limit:]], device=device))
-            self.state, self.fed = None, 0
-        else:
-            logits, self.state = self.model.net(torch.tensor([self.ids[self.fed:]], device=device), self.state)
-            self.fed = len(self.ids)
+        if limit is not None and len(self.ids) - self.begin > limit:  # the context outgrew the position table
+            keep = max(1, limit // 2) if self.context_shift and self.state is not None else limit
+            self.state, self.begin = None, len(self.ids) - keep
+            self.fed = self.begin
+        fresh = torch.tensor([self.ids[self.fed:]], device=self.model.device)
+        logits, self.state = self.model.net(fresh, self.state)
+        self.fed = len(self.ids)
         return logits[:, -1]
 
     def tokens(self, text: str) -> Iterator[int]:

@@ -11,11 +11,13 @@ positions continue where they stopped. A subclass implements
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import repeat
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lam.models.rope import Rotary
 
@@ -116,3 +118,30 @@ class HeadNorm(nn.Module):
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(y, (y.shape[-1],), self.weight.to(y.dtype), self.eps)
+
+
+# tokens (rounded up to whole chunks) that `recomputed` recomputes at once in backward. The layer's peak at
+# T = 4096 against softmax's: 1.91x with the whole sequence as one segment, 0.96x with 512, 0.89x with 256,
+# 0.82x with 64 but at 1.35x 256's step time (benchmarks/RESULTS.md)
+SEGMENT = 256
+
+
+def recomputed(fn, recompute: bool, chunk_size: int, inputs: tuple, state: tuple):
+    """fn(*inputs, *state) -> (y, *state): a mechanism on (B, H, T, .) inputs (None: absent) from a state.
+
+    With `recompute`, in training (grad enabled, more than one token), the sequence is cut into segments of
+    SEGMENT tokens, each run under activation checkpointing from the state the previous one left: autograd
+    keeps only each segment's inputs and incoming state, and backward recomputes one segment at a time, so
+    the feature maps, float32 copies, chunk scores and per-chunk states of at most one segment are held at
+    once (one checkpoint of the whole sequence would hold them all again in backward). Segments are whole
+    chunks, so the chunks are those of one pass. fn draws no random numbers (dropout is outside mix), so no
+    RNG state is stashed."""
+    if not (recompute and torch.is_grad_enabled() and inputs[0].shape[2] > 1):
+        return fn(*inputs, *state)
+    size = -(-SEGMENT // chunk_size) * chunk_size
+    pieces = [repeat(None) if t is None else t.split(size, dim=2) for t in inputs]
+    ys = []
+    for piece in zip(*pieces):
+        y, *state = checkpoint(fn, *piece, *state, use_reentrant=False, preserve_rng_state=False)
+        ys.append(y)
+    return torch.cat(ys, dim=2), *state

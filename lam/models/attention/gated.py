@@ -29,8 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lam.models.attention import fla_backend
-from lam.models.attention.base import Attention, HeadNorm, accumulation_dtype, chunked_flops
-from lam.models.attention.linear import recomputed
+from lam.models.attention.base import Attention, HeadNorm, accumulation_dtype, chunked_flops, recomputed
 
 
 class DecayState(NamedTuple):
@@ -79,7 +78,7 @@ def recurrent(q, k, v, g, S):
 
 def decayed_mix(q, k, v, gates, state: DecayState | None, layer):
     """The `mix` retention and GLA share: `decayed_state` on the state's tensor, recomputed in backward when
-    layer.recompute (linear.recomputed). layer: the Retention or GatedLinearAttention calling."""
+    layer.recompute (base.recomputed). layer: the Retention or GatedLinearAttention calling."""
     S, offset = (None, 0) if state is None else state
     y, S = recomputed(partial(decayed_state, layer=layer), layer.recompute, layer.chunk_size, (q, k, v, gates), (S,))
     return y, DecayState(S, offset + q.shape[2])
@@ -118,7 +117,7 @@ class GatedLinearAttention(Attention):
     norm_eps: eps of the per-head RMSNorm on the output.
     backend: "torch", or "fla" for flash-linear-attention's chunk_gla kernel in training and prefill.
     recompute: in training, keep only q, k, v, the gate logits and the incoming state for backward and
-        recompute the log gates, decays, chunk scores and states there (linear.recomputed). Generation and
+        recompute the log gates, decays, chunk scores and states there (base.recomputed). Generation and
         no-grad calls are unaffected.
     """
 

@@ -12,20 +12,18 @@ Two forms of the same function:
 - `recurrent`: one token at a time, constant memory per token, used for generation.
 Both run in float32 (at least), also under bf16 autocast: the state is a long sum. With `recompute`, training
 keeps only the mechanism's inputs for backward and recomputes the rest there, a segment at a time
-(`recomputed`, which retention and gated linear attention use too).
+(`base.recomputed`, which retention and gated linear attention use too).
 """
 
 from __future__ import annotations
 
-from itertools import repeat
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from lam.models.attention import fla_backend
-from lam.models.attention.base import Attention, HeadNorm, accumulation_dtype, chunked_flops
+from lam.models.attention.base import Attention, HeadNorm, accumulation_dtype, chunked_flops, recomputed
 from lam.models.attention.feature_maps import FEATURE_MAPS, POSITIVE
 
 
@@ -85,33 +83,6 @@ def fla_chunked(q, k, v, S, z, eps: float, normalize: bool = True):
     return y, S_out, z_t[:, :, -1]
 
 
-# tokens (rounded up to whole chunks) that `recomputed` recomputes at once in backward. The layer's peak at
-# T = 4096 against softmax's: 1.91x with the whole sequence as one segment, 0.96x with 512, 0.89x with 256,
-# 0.82x with 64 but at 1.35x 256's step time (benchmarks/RESULTS.md)
-SEGMENT = 256
-
-
-def recomputed(fn, recompute: bool, chunk_size: int, inputs: tuple, state: tuple):
-    """fn(*inputs, *state) -> (y, *state): a mechanism on (B, H, T, .) inputs (None: absent) from a state.
-
-    With `recompute`, in training (grad enabled, more than one token), the sequence is cut into segments of
-    SEGMENT tokens, each run under activation checkpointing from the state the previous one left: autograd
-    keeps only each segment's inputs and incoming state, and backward recomputes one segment at a time, so
-    the feature maps, float32 copies, chunk scores and per-chunk states of at most one segment are held at
-    once (one checkpoint of the whole sequence would hold them all again in backward). Segments are whole
-    chunks, so the chunks are those of one pass. fn draws no random numbers (dropout is outside mix), so no
-    RNG state is stashed."""
-    if not (recompute and torch.is_grad_enabled() and inputs[0].shape[2] > 1):
-        return fn(*inputs, *state)
-    size = -(-SEGMENT // chunk_size) * chunk_size
-    pieces = [repeat(None) if t is None else t.split(size, dim=2) for t in inputs]
-    ys = []
-    for piece in zip(*pieces):
-        y, *state = checkpoint(fn, *piece, *state, use_reentrant=False, preserve_rng_state=False)
-        ys.append(y)
-    return torch.cat(ys, dim=2), *state
-
-
 class LinearAttention(Attention):
     """Multi-head causal linear attention.
 
@@ -125,7 +96,7 @@ class LinearAttention(Attention):
     backend: "torch", or "fla" for flash-linear-attention's CUDA kernels in training and prefill.
     recompute: in training, keep only q, k, v and the incoming state for backward and recompute the feature
         maps, chunk scores and states there, SEGMENT tokens at a time: less memory for a second forward of the
-        mechanism (`recomputed`). Generation and no-grad calls are unaffected.
+        mechanism (`base.recomputed`). Generation and no-grad calls are unaffected.
     """
 
     def __init__(self, d_model: int, n_head: int, feature_map: str = "elu1", normalize: bool = True,

@@ -33,7 +33,7 @@ class Retention(Attention):
     norm_eps: eps of the per-head RMSNorm on the output.
     backend: "torch", or "fla" for flash-linear-attention's chunk_simple_gla kernel in training and prefill.
     recompute: in training, keep only q, k, v and the incoming state for backward and recompute the decays,
-        chunk scores and states there (linear.recomputed). Generation and no-grad calls are unaffected.
+        chunk scores and states there (base.recomputed). Generation and no-grad calls are unaffected.
     """
 
     def __init__(self, d_model: int, n_head: int, chunk_size: int = 64, norm_eps: float = 1e-5,

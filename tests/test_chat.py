@@ -127,7 +127,8 @@ def test_chat_streams_resets_and_quits_in_a_terminal(tmp_path):
     assert len(set(first)) > 5 and first != second
 
     child = pexpect.spawn(sys.executable, ["-m", "lam.chat", f"model={tmp_path / 'm.lam'}", "temperature=0",
-                                           "max_new_tokens=300", "threads=1", "context_shift=true"], encoding="utf-8", timeout=60,
+                                           "max_new_tokens=300", "threads=1", "context_shift=true"],
+                          encoding="utf-8", timeout=60,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     child.expect("you> ")
     child.sendline("the king")

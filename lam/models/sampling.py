@@ -47,6 +47,12 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     return torch.multinomial(probs, 1, generator=generator)
 
 
+def context_begin(length: int, limit: int, context_shift: bool, started: bool) -> int:
+    """Where a context of `length` tokens that outgrew `limit` begins again: `limit` tokens back, or with
+    context_shift once a state has started, half of that (at least one token)."""
+    return length - (max(1, limit // 2) if context_shift and started else limit)
+
+
 @torch.no_grad()
 def stream(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
            top_k: int | None = None, top_p: float = 1.0, use_cache: bool = True,
@@ -63,7 +69,7 @@ def stream(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature
     seq, state, begin = idx, None, 0  # the model sees seq[:, begin:]
     for _ in range(max_new_tokens):
         if limit is not None and seq.shape[1] - begin > limit:  # the window outgrew the position table
-            begin = seq.shape[1] - (max(1, limit // 2) if context_shift and state is not None else limit)
+            begin = context_begin(seq.shape[1], limit, context_shift, state is not None)
             if context_shift:
                 state = None
         window = seq[:, begin:]

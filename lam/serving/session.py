@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from lam.models.sampling import sample_next, stream_text
+from lam.models.sampling import context_begin, sample_next, stream_text
 from lam.serving.model import Model, check_sampling, seeded_generator, stop_list
 
 
@@ -40,9 +40,8 @@ class Session:
         """(1, vocab) logits after the whole transcript, feeding the state what it has not read."""
         limit = getattr(self.model.net, "max_context", None)
         if limit is not None and len(self.ids) - self.begin > limit:  # the context outgrew the position table
-            keep = max(1, limit // 2) if self.context_shift and self.state is not None else limit
-            self.state, self.begin = None, len(self.ids) - keep
-            self.fed = self.begin
+            self.begin = context_begin(len(self.ids), limit, self.context_shift, self.state is not None)
+            self.state, self.fed = None, self.begin
         fresh = torch.tensor([self.ids[self.fed:]], device=self.model.device)
         logits, self.state = self.model.net(fresh, self.state)
         self.fed = len(self.ids)

@@ -60,7 +60,6 @@ VALUE_CHECKS = [
     ("data.eval_batches", is_positive_int, "must be an integer >= 1 (validation batches)"),
     ("trainer.max_steps", is_positive_int, "must be an integer >= 1 (the training stream has no end)"),
     ("trainer.accumulate_grad_batches", is_positive_int, "must be an integer >= 1"),
-    ("threads", is_positive_int, "must be an integer >= 1, or null for torch's choice"),
 ]
 
 

@@ -158,7 +158,7 @@ def test_resuming_another_attention_or_depth_names_the_differing_keys(tmp_path, 
     ("trainer.max_steps=-1", "trainer.max_steps=-1 must be an integer >= 1"),
     ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 must be an integer >= 1"),
     ("optim.weight_decay=-0.1", "optim.weight_decay=-0.1 must be >= 0"),
-    ("threads=0", "threads=0 must be an integer >= 1"),
+    ("threads=0", "threads takes an integer from 1 up, or null, got 0"),
 ])
 def test_values_that_cannot_work_are_refused_by_key(tmp_path, corpus, override, message):
     with pytest.raises(UserError, match=f"^{re.escape(message)}"):

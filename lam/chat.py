@@ -9,7 +9,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from lam.config import config_dir, report_user_errors, set_threads
+from lam.config import command_line, config_dir, report_user_errors, set_threads
 from lam.errors import UserError
 from lam.generate import command_line_stops, load_model
 from lam.serving.model import check_sampling
@@ -63,6 +63,7 @@ def chat(session: Session, read=input, write=print) -> None:
         write("")
 
 
+@command_line()
 @hydra.main(version_base="1.3", config_path=str(config_dir() / "apps"), config_name="chat")
 @report_user_errors
 def main(cfg: DictConfig) -> None:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import wraps
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 
@@ -92,6 +95,50 @@ def report_user_errors(fn: Callable) -> Callable:
             sys.exit(1)
 
     return wrapper
+
+
+def hydra_quoted(text: str) -> str:
+    """`text` as a quoted value of Hydra's override grammar that reads back as exactly `text`: quotes and the
+    backslashes before them escaped, and `${` kept from being read as an interpolation."""
+    text = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", text)
+    text = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, text)
+    text = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", text)  # OmegaConf's escape
+    return "'" + text + "'"
+
+
+def quote_overrides(args: Sequence[str], text_keys: Sequence[str] = ()) -> list[str]:
+    """Command-line arguments with the values Hydra's grammar would misread quoted, so that `prompt=O Romeo,
+    Romeo!` or `data.path=notes (1).txt` mean what they say: a value of a `text_keys` key unless it is a quoted
+    string already (else its commas would make a sweep and its outer spaces would be trimmed), and any other
+    `key=value` that Hydra cannot parse as it stands. Flags and what Hydra can parse pass unchanged."""
+    parser, out = OverridesParser.create(), []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep and re.fullmatch(r"[+~]{0,2}[\w.@/-]+", key):
+            try:
+                parsed = parser.parse_override(arg)
+            except HydraException:
+                parsed = None
+            quoted = parsed is not None and value.lstrip()[:1] in ("'", '"') and isinstance(parsed.value(), str)
+            if parsed is None or (key.lstrip("+~") in text_keys and not quoted):
+                arg = f"{key}={hydra_quoted(value)}"
+        out.append(arg)
+    return out
+
+
+def command_line(*text_keys: str) -> Callable:
+    """For a `hydra.main` entry point: quote its command line's values with `quote_overrides` before Hydra
+    reads them."""
+
+    def decorate(main: Callable) -> Callable:
+        @wraps(main)
+        def run(*args, **kwargs):
+            sys.argv[1:] = quote_overrides(sys.argv[1:], text_keys)
+            return main(*args, **kwargs)
+
+        return run
+
+    return decorate
 
 
 def set_threads(threads) -> None:

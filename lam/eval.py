@@ -3,8 +3,9 @@
 Loss, perplexity and bits per character of a model on a corpus's validation split, by the protocol of training's
 validation: the data module's windows (data.eval_batches x data.batch_size, spread evenly over the split, of the
 model's block size unless data.block_size says otherwise), the mean next-token loss over their tokens. Keys other
-than model, ckpt, out and device are overrides of lam.train's config (data=..., data.path=..., data.*); the
-corpus is encoded with the model's own tokenizer. Prints one line and writes the numbers to `out` as JSON.
+than model, ckpt, out and device are overrides of lam.train's config (data=..., data.path=..., data.*); with
+neither data= nor data.path=, the corpus is the one the model's record names. It is encoded with the model's own
+tokenizer. Prints one line and writes the numbers to `out` as JSON.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from lam.config import compose_train, report_user_errors
+from lam.config import compose_train, config_dir, hydra_quoted, quote_overrides, report_user_errors
 from lam.errors import UserError
-from lam.export import corpus_name
+from lam.data.corpora import corpus_name
 from lam.generate import load_model
 from lam.serving.model import Model
 from lam.training.tracking import write_json
@@ -41,7 +42,7 @@ def parse(argv: list[str]) -> tuple[dict, list[str]]:
             own[key] = value
         else:
             overrides.append(arg)
-    return own, overrides
+    return own, quote_overrides(overrides)
 
 
 @torch.no_grad()
@@ -63,12 +64,29 @@ def evaluate(model: Model, datamodule) -> dict:
             "tokens": tokens, "characters": characters}
 
 
+def training_corpus(model: Model, source: str) -> list[str]:
+    """The overrides that select the corpus `model` was trained on, as its record names it: the data group
+    whose url it is, or a custom corpus's path (which must exist from here); none if the record names none."""
+    corpus = model.record.get("corpus")
+    if not corpus:
+        return []
+    for group in sorted((config_dir() / "data").glob("*.yaml")):
+        if OmegaConf.load(group).get("url") == corpus:
+            return [f"data={group.stem}"]
+    if not Path(corpus).is_file():
+        raise UserError(f"{source} was trained on {corpus}, which is not found from here; give the corpus: "
+                        "data=custom data.path=<file>, or data=shakespeare / data=stan")
+    return ["data=custom", f"data.path={hydra_quoted(corpus)}"]
+
+
 def run(argv: list[str]) -> dict:
     own, overrides = parse(argv)
     out = Path(own["out"])
     if not out.parent.is_dir():
         raise UserError(f"out={out}: folder {out.parent} does not exist")
     model, source = load_model(own["model"], own["ckpt"], own["device"])
+    if not any(o.split("=", 1)[0].lstrip("+~") in ("data", "data.path") for o in overrides):
+        overrides = [*training_corpus(model, source), *overrides]
     if not any(o.split("=", 1)[0] == "data.block_size" for o in overrides) and model.info["block_size"]:
         overrides.append(f"data.block_size={model.info['block_size']}")
     with tempfile.TemporaryDirectory() as folder:

@@ -12,20 +12,13 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from lam.config import config_dir, report_user_errors
+from lam.config import command_line, config_dir, report_user_errors
+from lam.data.corpora import corpus_name
 from lam.data.tokenizer import describe
 from lam.errors import UserError
 from lam.generate import net_from_checkpoint
 from lam.serving.model import Model
 from lam.training.checkpoint import read_checkpoint
-
-
-def corpus_name(data: dict) -> str:
-    """What a data config reads: the path of a custom corpus, the address of a downloaded one (a `source` node in
-    the configs of checkpoints written before 2026-12-02), else its class."""
-    source = data.get("source") if isinstance(data.get("source"), dict) else {}
-    return str(data.get("path") or data.get("url") or source.get("url") or source.get("_target_")
-               or data.get("_target_"))
 
 
 def validation_loss(checkpoint: dict) -> float | None:
@@ -55,6 +48,7 @@ def export(ckpt: str | Path, out: str | Path) -> Model:
     return model
 
 
+@command_line()
 @hydra.main(version_base="1.3", config_path=str(config_dir() / "apps"), config_name="export")
 @report_user_errors
 def main(cfg: DictConfig) -> None:

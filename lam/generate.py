@@ -13,7 +13,8 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from lam.config import config_dir, report_user_errors, set_threads
+from lam.config import command_line, config_dir, report_user_errors, set_threads
+from lam.data.corpora import corpus_name
 from lam.data.tokenizer import Tokenizer, check_same_tokenizer, load_tokenizer
 from lam.errors import UserError
 from lam.models import stream
@@ -48,7 +49,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Mod
 
 def load_model(model: str | None, ckpt: str | None, device: str = "cpu") -> tuple[Model, str]:
     """The `Model` of a model file (model=) or a checkpoint (ckpt=), exactly one of them, and what it came from
-    ("model file x.lam", "checkpoint y.ckpt")."""
+    ("model file x.lam", "checkpoint y.ckpt"); a checkpoint's record names the corpus it was trained on."""
     if (model is None) == (ckpt is None):
         raise UserError("give the model to use: model=<file>.lam (from lam.export) or ckpt=<run>/checkpoints/"
                         "<name>.ckpt, one of them")
@@ -56,7 +57,9 @@ def load_model(model: str | None, ckpt: str | None, device: str = "cpu") -> tupl
         return Model.load(model, device), f"model file {model}"
     checkpoint = read_checkpoint(ckpt, device)
     net, tokenizer = net_from_checkpoint(checkpoint, ckpt)
-    return Model(net.to(device), tokenizer, checkpoint["lam"]["config"]["model"]), f"checkpoint {ckpt}"
+    config = checkpoint["lam"]["config"]
+    record = {"corpus": corpus_name(config.get("data", {}))}  # what a model file's record says of it
+    return Model(net.to(device), tokenizer, config["model"], record), f"checkpoint {ckpt}"
 
 
 def command_line_stops(stop) -> list[str]:
@@ -96,6 +99,7 @@ def sample_batch(net: torch.nn.Module, tokenizer: Tokenizer, prompt: str, max_ne
     return ["".join(stream_text(iter(row), tokenizer.decode, stop or [])) for row in rows]
 
 
+@command_line("prompt")
 @hydra.main(version_base="1.3", config_path=str(config_dir() / "apps"), config_name="generate")
 @report_user_errors
 def main(cfg: DictConfig) -> None:

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from lam.config import config_dir, report_user_errors
+from lam.config import command_line, config_dir, report_user_errors
 
 
 def statistics(meta: dict, title: str) -> Table:
@@ -33,6 +33,7 @@ def statistics(meta: dict, title: str) -> Table:
     return table
 
 
+@command_line()
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="prepare")
 @report_user_errors
 def main(cfg: DictConfig) -> None:

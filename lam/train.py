@@ -29,7 +29,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lam.config import config_dir, report_user_errors, set_threads, user_error
+from lam.config import command_line, config_dir, report_user_errors, set_threads, user_error
 from lam.errors import UserError
 from lam.models.flops import flops_per_token
 from lam.sweep import needs_own_process, run_as_own_process
@@ -188,6 +188,7 @@ def log_failure_to_file(exc: BaseException) -> None:
             handler.handle(record)
 
 
+@command_line()
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 @report_user_errors
 def main(cfg: DictConfig) -> float | None:

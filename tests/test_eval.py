@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from helpers import TINY, compose_train
-from lam.eval import main
+from lam.config import config_dir
+from lam.errors import UserError
+from lam.eval import main, training_corpus
 from lam.export import export
 from lam.train import train
 
@@ -65,3 +69,22 @@ def test_eval_refuses_an_out_in_a_missing_folder_before_evaluating(tmp_path, cap
     assert exit.value.code == 1
     assert capsys.readouterr().err.strip() == f"error: out={tmp_path / 'no' / 'e.json'}: folder {tmp_path / 'no'} " \
                                               "does not exist"
+
+
+def test_eval_without_a_corpus_reads_the_one_the_model_was_trained_on(trained, tmp_path):
+    val_loss = json.loads((trained / "metrics.json").read_text())["val_loss"]
+    export(trained / "checkpoints" / "last.ckpt", tmp_path / "m.lam")
+    for source in (f"model={tmp_path / 'm.lam'}", f"ckpt={trained / 'checkpoints' / 'last.ckpt'}"):
+        assert main([source, *DATA, f"out={tmp_path / 'e.json'}"]) is None
+        assert json.loads((tmp_path / "e.json").read_text())["loss"] == pytest.approx(val_loss, rel=1e-6)
+
+
+def test_the_training_corpus_is_a_data_group_a_custom_file_or_an_error_naming_it(tmp_path, corpus):
+    stan = OmegaConf.load(config_dir() / "data" / "stan.yaml").url
+    assert training_corpus(SimpleNamespace(record={"corpus": stan}), "m") == ["data=stan"]
+    assert training_corpus(SimpleNamespace(record={"corpus": str(corpus)}), "m") == \
+        ["data=custom", f"data.path='{corpus}'"]
+    assert training_corpus(SimpleNamespace(record={}), "m") == []
+    with pytest.raises(UserError, match=r"^m was trained on .*gone.txt, which is not found from here; give the "
+                                        r"corpus: data=custom data.path=<file>"):
+        training_corpus(SimpleNamespace(record={"corpus": str(tmp_path / "gone.txt")}), "m")

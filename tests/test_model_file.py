@@ -16,9 +16,10 @@ from omegaconf import OmegaConf
 
 import lam
 from helpers import TINY_MODEL, compose_train
+from lam.data.corpora import corpus_name
 from lam.data.tokenizer import CharTokenizer
 from lam.errors import UserError
-from lam.export import corpus_name, export
+from lam.export import export
 from lam.models.decoder import ReLUSquared
 from lam.serving import model_file
 from lam.serving.build import build

@@ -24,6 +24,14 @@ DOWNLOAD_TIMEOUT_S = 30
 READ_BLOCK_BYTES = 1 << 20  # files are decoded (and later encoded) about this many bytes at a time
 
 
+def corpus_name(data: dict) -> str:
+    """What a data config reads: the path of a custom corpus, the address of a downloaded one (a `source` node in
+    the configs of checkpoints written before 2026-12-02), else its class."""
+    source = data.get("source") if isinstance(data.get("source"), dict) else {}
+    return str(data.get("path") or data.get("url") or source.get("url") or source.get("_target_")
+               or data.get("_target_"))
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

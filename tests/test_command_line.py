@@ -1,0 +1,51 @@
+"""Values on a command line mean what they say: a prompt with commas, quotes, accents or `${`, a path with
+parentheses, reach the config exactly as typed; what Hydra's grammar reads as intended (sweeps, lists, flags,
+quoted strings) passes unchanged."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from helpers import TINY_MODEL, compose_train
+from lam.config import config_dir, quote_overrides
+from lam.data.tokenizer import CharTokenizer
+from lam.serving.build import build
+from lam.serving.model import Model
+
+TEXTS = ["O Romeo, Romeo!", "it's", "say \"hi\"", "a\\", "a\\'b", "'", "\\", "", "  two spaces  ", "1,2",
+         "null", "a=b", "[x]", "{y}", "${x}", "\\${x}", "\\\\${x}", "${oc.env:HOME}", "日本, é ☃", "\\n\\n"]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_a_prompt_reads_back_exactly_as_typed(text):
+    with initialize_config_dir(config_dir=str(config_dir() / "apps"), version_base="1.3"):
+        cfg = compose("generate", overrides=quote_overrides([f"prompt={text}"], ["prompt"]))
+    assert cfg.prompt == text
+
+
+def test_an_unparseable_value_of_any_key_is_quoted_and_the_rest_pass_unchanged(tmp_path):
+    cfg = compose_train(quote_overrides(["data=custom", "data.path=my notes (1).txt"]), tmp_path)
+    assert cfg.data.path == "my notes (1).txt"
+    kept = ["-m", "seed=1,2", "model.n_layer=[1,2]", "~logger", "+trainer.x=1", "--cfg", "job",
+            "prompt='quoted, already'", "prompt=\"it's\"", "data.path=${oc.env:HOME}/x.txt"]
+    assert quote_overrides(kept, ["prompt"]) == kept
+    assert quote_overrides(["prompt='open"], ["prompt"]) == ["prompt='\\'open'"]
+
+
+def test_generate_takes_a_prompt_with_commas_quotes_and_accents(tmp_path):
+    prompt = "O Romeo, Romeo! 'tis é日本"
+    tokenizer = CharTokenizer("".join(sorted(set(prompt + "\n"))))
+    cfg = compose_train([*TINY_MODEL, "data.block_size=16"], tmp_path)
+    config = OmegaConf.to_container(cfg.model, resolve=True)
+    Model(build(config, "test", vocab_size=tokenizer.vocab_size), tokenizer, config).save(tmp_path / "m.lam")
+    done = subprocess.run([sys.executable, "-m", "lam.generate", f"model={tmp_path / 'm.lam'}", f"prompt={prompt}",
+                           "max_new_tokens=4", "temperature=0"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(prompt) and len(done.stdout.rstrip("\n")) >= len(prompt)

@@ -98,8 +98,8 @@ def replacements(tokenizer: Tokenizer, documents: list[tuple[Path, str]]) -> dic
     fallback = next((c for c in FALLBACKS if c in tokenizer.stoi), tokenizer.chars[0])
     if strict := sorted(c for c, errors in missing.items() if errors != "replace"):
         shown = " ".join(map(repr, strict[:20])) + (f" and {len(strict) - 20} more" if len(strict) > 20 else "")
-        raise UserError(f"the text has {len(strict)} characters outside the tokenizer's alphabet of "
-                        f"{tokenizer.vocab_size}: {shown}; data.errors=replace reads each as {fallback!r}")
+        raise UserError(f"the text has {len(strict)} character{'s' * (len(strict) > 1)} outside the tokenizer's "
+                        f"alphabet of {tokenizer.vocab_size}: {shown}; data.errors=replace reads each as {fallback!r}")
     return {ord(c): fallback for c in missing}
 
 

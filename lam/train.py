@@ -34,7 +34,7 @@ from lam.errors import UserError
 from lam.models.flops import flops_per_token
 from lam.sweep import needs_own_process, run_as_own_process
 from lam.training.checkpoint import check_resumable
-from lam.training.finetune import Start, adapt, check_architecture, check_context, parameter_counts, read_start
+from lam.training.finetune import Start, adapt, check_architecture, context_for, parameter_counts, read_start
 from lam.training.lightning_module import LanguageModel
 from lam.training.run_log import log_to_the_run
 from lam.training.tracking import finish_wandb, keep_wandb_run, log_at_steps_done, log_results, log_summary, \
@@ -122,7 +122,13 @@ def train(cfg: DictConfig) -> float | None:
     datamodule = instantiate(cfg.data, **({"tokenizer": start.tokenizer} if start else {}))
     net = instantiate(cfg.model, vocab_size=datamodule.vocab_size)
     if start:
-        check_context(start, net, datamodule.block_size)
+        given = [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task]
+        block_size = context_for(start, net, datamodule.block_size, "data.block_size" in given)
+        if block_size != datamodule.block_size:  # the windows the file's learned positions reach
+            log.info(f"data.block_size={block_size}: as far as the positions of init_from={cfg.init_from} reach")
+            with open_dict(cfg):
+                cfg.data.block_size = block_size
+            datamodule = instantiate(cfg.data, tokenizer=start.tokenizer)
         start.load_into(net)
     adapted = adapt(net, OmegaConf.to_container(cfg.lora, resolve=True)) if cfg.get("lora") else []
     size = {**parameter_counts(net),  # counted before torch.compile wraps the net

@@ -113,3 +113,13 @@ def test_an_interrupted_fine_tune_resumes_with_its_own_command_and_ckpt_path(bas
                   base=FINE_TUNE)
     assert torch.load(resumed, weights_only=True)["global_step"] == 5
     assert [step for step, _ in column(read_metrics(tmp_path / "resumed"), "train/loss")] == [4, 5]
+
+
+def test_windows_longer_than_the_files_positions_shrink_to_them_unless_asked_for(base, corpus, tmp_path):
+    """The base learned 32 positions; the run's data would take 64 (the default) or the command line says 64."""
+    unset = [o for o in FINE_TUNE if not o.startswith("data.block_size=")]
+    tuned = run(tmp_path / "tuned", corpus, f"init_from={base}", base=unset)
+    assert torch.load(tuned, weights_only=True)["lam"]["config"]["data"]["block_size"] == 32
+    with pytest.raises(UserError, match=r"^data.block_size=64 is longer than the 32 positions the model of "
+                                        r"init_from=.* has learned; use data.block_size<=32$"):
+        run(tmp_path / "refused", corpus, f"init_from={base}", "data.block_size=64", base=unset)

@@ -84,11 +84,16 @@ def check_architecture(start: Start, model: dict, overrides: list[str]) -> None:
                                 f"(model.{key} is {theirs.get(key)!r} there); drop the override")
 
 
-def check_context(start: Start, net: nn.Module, block_size: int) -> None:
-    """A UserError if the data's windows are longer than the model's learned positions reach."""
-    if net.max_context is not None and block_size > net.max_context:
+def context_for(start: Start, net: nn.Module, block_size: int, set_on_command_line: bool) -> int:
+    """The data's window length for fine-tuning `net`, the model of `start`: `block_size` where its learned
+    positions reach that far, else as far as they reach, unless the command line asked for `block_size` (then
+    a UserError: the run cannot be what it says)."""
+    if net.max_context is None or block_size <= net.max_context:
+        return block_size
+    if set_on_command_line:
         raise UserError(f"data.block_size={block_size} is longer than the {net.max_context} positions the model "
                         f"of init_from={start.path} has learned; use data.block_size<={net.max_context}")
+    return net.max_context
 
 
 def adapt(net: nn.Module, lora: dict) -> list[str]:

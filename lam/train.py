@@ -24,7 +24,9 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -60,6 +62,8 @@ VALUE_CHECKS = [
     ("data.eval_batches", is_positive_int, "must be an integer >= 1 (validation batches)"),
     ("trainer.max_steps", is_positive_int, "must be an integer >= 1 (the training stream has no end)"),
     ("trainer.accumulate_grad_batches", is_positive_int, "must be an integer >= 1"),
+    ("trainer.val_check_interval", is_positive_int, "must be an integer >= 1 (training steps between validations)"),
+    ("seed", lambda v: isinstance(v, int) and not isinstance(v, bool), "must be an integer"),
 ]
 
 
@@ -69,6 +73,17 @@ def check_values(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and not allowed(value):
             raise UserError(f"{key}={value} {rule}")
+
+
+def build_net(model: DictConfig, vocab_size: int) -> torch.nn.Module:
+    """The model of the config; a value the model or its attention refuses (a ValueError of its constructor)
+    is a UserError naming it."""
+    try:
+        return instantiate(model, vocab_size=vocab_size)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, ValueError):
+            raise UserError(f"model: {e.__cause__}") from None
+        raise
 
 
 def instantiate_all(group: DictConfig | None) -> list:
@@ -120,7 +135,7 @@ def train(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed, workers=True)
     start = start_from(cfg) if cfg.get("init_from") else None
     datamodule = instantiate(cfg.data, **({"tokenizer": start.tokenizer} if start else {}))
-    net = instantiate(cfg.model, vocab_size=datamodule.vocab_size)
+    net = build_net(cfg.model, datamodule.vocab_size)
     if start:
         given = [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task]
         block_size = context_for(start, net, datamodule.block_size, "data.block_size" in given)

@@ -159,10 +159,21 @@ def test_resuming_another_attention_or_depth_names_the_differing_keys(tmp_path, 
     ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 must be an integer >= 1"),
     ("optim.weight_decay=-0.1", "optim.weight_decay=-0.1 must be >= 0"),
     ("threads=0", "threads takes an integer from 1 up, or null, got 0"),
+    ("trainer.val_check_interval=0", "trainer.val_check_interval=0 must be an integer >= 1"),
+    ("seed=abc", "seed=abc must be an integer"),
+    # what the model's constructors refuse
+    ("model.n_head=3", "model: n_head must be >= 1 and divide d_model=32, got n_head=3"),
+    ("model.n_head=0", "model: n_head must be >= 1 and divide d_model=32, got n_head=0"),
+    ("model.n_layer=0", "model: n_layer must be an integer >= 1, got 0"),
+    ("model.n_embd=0", "model: n_embd must be an integer >= 1, got 0"),
+    ("model.pos=abs", "model: pos must be 'learned' or 'rope', got 'abs'"),
+    ("model.dropout=1.5", "model: dropout probability has to be between 0 and 1"),
+    ("attention.chunk_size=0", "model: chunk_size must be an integer >= 1, got 0"),
+    ("attention=window attention.window=0", "model: window must be >= 1, got 0"),
 ])
 def test_values_that_cannot_work_are_refused_by_key(tmp_path, corpus, override, message):
     with pytest.raises(UserError, match=f"^{re.escape(message)}"):
-        train_on(corpus, tmp_path, override)
+        train_on(corpus, tmp_path, *override.split())
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

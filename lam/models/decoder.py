@@ -82,6 +82,9 @@ class LAM(nn.Module):
         super().__init__()
         if pos not in ("learned", "rope"):
             raise ValueError(f"pos must be 'learned' or 'rope', got {pos!r}")
+        for name, value in (("n_layer", n_layer), ("n_embd", n_embd), ("block_size", block_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.vocab_size, self.block_size, self.pos = vocab_size, block_size, pos
         self.wte = nn.Embedding(vocab_size, n_embd)
         self.wpe = nn.Embedding(block_size, n_embd) if pos == "learned" else None

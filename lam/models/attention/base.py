@@ -22,6 +22,13 @@ from torch.utils.checkpoint import checkpoint
 from lam.models.rope import Rotary
 
 
+def check_chunk_size(chunk_size: int) -> int:
+    """`chunk_size` if it can be one (tokens per chunk of a chunked form), else a ValueError."""
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    return chunk_size
+
+
 class Attention(nn.Module):
     """rope: rotary positions on q and k. qk_norm: RMS-normalise each head's queries and keys over its channels,
     without weights, before rotary positions (QK-norm, as modded-nanogpt does): every q and k that `mix` sees
@@ -30,8 +37,8 @@ class Attention(nn.Module):
     def __init__(self, d_model: int, n_head: int, dropout: float = 0.0, bias: bool = False, rope: bool = False,
                  qk_norm: bool = False):
         super().__init__()
-        if d_model % n_head:
-            raise ValueError(f"d_model={d_model} is not divisible by n_head={n_head}")
+        if n_head < 1 or d_model % n_head:
+            raise ValueError(f"n_head must be >= 1 and divide d_model={d_model}, got n_head={n_head}")
         self.n_head, self.head_dim = n_head, d_model // n_head
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
         self.proj = nn.Linear(d_model, d_model, bias=bias)

@@ -29,7 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lam.models.attention import fla_backend
-from lam.models.attention.base import Attention, HeadNorm, accumulation_dtype, chunked_flops, recomputed
+from lam.models.attention.base import (
+    Attention, HeadNorm, accumulation_dtype, check_chunk_size, chunked_flops, recomputed,
+)
 
 
 class DecayState(NamedTuple):
@@ -127,7 +129,7 @@ class GatedLinearAttention(Attention):
         super().__init__(d_model, n_head, **kwargs)
         fla_backend.check_backend(backend)
         self.gate = nn.Sequential(nn.Linear(d_model, gate_rank, bias=False), nn.Linear(gate_rank, d_model))
-        self.gate_temperature, self.chunk_size, self.backend = gate_temperature, chunk_size, backend
+        self.gate_temperature, self.chunk_size, self.backend = gate_temperature, check_chunk_size(chunk_size), backend
         self.recompute = recompute
         self.norm = HeadNorm(self.head_dim, norm_eps)
 

@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from lam.models.attention import fla_backend
-from lam.models.attention.base import Attention, HeadNorm, accumulation_dtype, chunked_flops, recomputed
+from lam.models.attention.base import (
+    Attention, HeadNorm, accumulation_dtype, check_chunk_size, chunked_flops, recomputed,
+)
 from lam.models.attention.feature_maps import FEATURE_MAPS, POSITIVE
 
 
@@ -110,7 +112,7 @@ class LinearAttention(Attention):
                              "use it with normalize=False")
         fla_backend.check_backend(backend)
         self.phi = FEATURE_MAPS[feature_map]
-        self.normalize, self.chunk_size, self.eps, self.backend = normalize, chunk_size, eps, backend
+        self.normalize, self.chunk_size, self.eps, self.backend = normalize, check_chunk_size(chunk_size), eps, backend
         self.recompute = recompute
         self.norm = None if normalize else HeadNorm(self.head_dim, norm_eps)
 

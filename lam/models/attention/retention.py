@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from lam.models.attention import fla_backend
-from lam.models.attention.base import Attention, HeadNorm, accumulation_dtype, chunked_flops
+from lam.models.attention.base import Attention, HeadNorm, accumulation_dtype, check_chunk_size, chunked_flops
 from lam.models.attention.gated import DecayState, decayed_mix
 
 
@@ -40,7 +40,7 @@ class Retention(Attention):
                  backend: str = "torch", recompute: bool = False, **kwargs):
         super().__init__(d_model, n_head, **kwargs)
         fla_backend.check_backend(backend)
-        self.chunk_size, self.backend, self.recompute = chunk_size, backend, recompute
+        self.chunk_size, self.backend, self.recompute = check_chunk_size(chunk_size), backend, recompute
         self.norm = HeadNorm(self.head_dim, norm_eps)
 
     def mixing_flops(self, context: int) -> float:

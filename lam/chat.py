@@ -73,8 +73,7 @@ def main(cfg: DictConfig) -> None:
     stop = command_line_stops(cfg.stop)
     session = Session(model, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, stop, cfg.seed,
                       cfg.context_shift)
-    info = model.info
-    print(f"{source}: {info['parameters']:,} parameters, {info['attention']}, {info['tokenizer']}; {HELP}")
+    print(f"{source}: {model.summary()}; {HELP}")
     chat(session)
 
 

@@ -54,10 +54,8 @@ def export(ckpt: str | Path, out: str | Path) -> Model:
 def main(cfg: DictConfig) -> None:
     print(f"reading {cfg.ckpt}")
     model = export(cfg.ckpt, cfg.out)
-    info = model.info
     size = Path(cfg.out).stat().st_size
-    print(f"wrote {cfg.out}: {info['parameters']:,} parameters, {info['attention']}, {info['pos']} positions, "
-          f"{info['tokenizer']}, {size / 1e6:.2f} MB; use it: python -m lam.generate model={cfg.out}")
+    print(f"wrote {cfg.out}: {model.summary()}, {size / 1e6:.2f} MB; use it: python -m lam.generate model={cfg.out}")
 
 
 if __name__ == "__main__":

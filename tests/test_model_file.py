@@ -17,12 +17,13 @@ from omegaconf import OmegaConf
 import lam
 from helpers import TINY_MODEL, compose_train
 from lam.data.corpora import corpus_name
-from lam.data.tokenizer import CharTokenizer
+from lam.data.tokenizer import CharTokenizer, describe
 from lam.errors import UserError
 from lam.export import export
 from lam.models.decoder import ReLUSquared
 from lam.serving import model_file
 from lam.serving.build import build
+from lam.serving.model import Model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -237,3 +238,12 @@ def test_the_record_names_the_corpus_a_data_config_reads(data, corpus, tmp_path)
     assert corpus_name(OmegaConf.to_container(cfg.data, resolve=True)) == corpus
     old = {"_target_": "lam.data.TextDataModule", "source": {"_target_": "lam.data.Download", "url": corpus}}
     assert corpus_name(old) == corpus  # a checkpoint's config from before the source keys moved up
+
+
+def test_a_models_summary_names_its_attention_and_positions_or_its_class(tmp_path):
+    _, lam_model = export_and_load(tmp_path, model_config(tmp_path, "retention", "rope"))
+    assert lam_model.summary().startswith(f"{lam_model.info['parameters']:,} parameters, Retention, rope positions, "
+                                          "CharTokenizer")
+    bigram = Model(build({"_target_": "lam.models.Bigram"}, "test", vocab_size=TOKENIZER.vocab_size), TOKENIZER,
+                   {"_target_": "lam.models.Bigram"})
+    assert bigram.summary() == f"{TOKENIZER.vocab_size ** 2:,} parameters, Bigram, {describe(TOKENIZER)}"

@@ -76,11 +76,19 @@ class Model:
         attention = self.config.get("attention")
         attention = attention.get("_target_", "") if isinstance(attention, dict) else ""
         return {"parameters": sum(p.numel() for p in self.net.parameters()),
+                "model": type(self.net).__name__,
                 "attention": attention.rpartition(".")[2] or None,
                 "pos": self.config.get("pos"),
                 "block_size": getattr(self.net, "block_size", None),
                 "vocab_size": self.tokenizer.vocab_size, "tokenizer": describe(self.tokenizer),
                 "record": self.record}
+
+    def summary(self) -> str:
+        """One line: the parameter count, the attention and positions (or the model's class, for a model without
+        attention) and the tokenizer."""
+        info = self.info
+        kind = f"{info['attention']}, {info['pos']} positions" if info["attention"] else info["model"]
+        return f"{info['parameters']:,} parameters, {kind}, {info['tokenizer']}"
 
     def encode_prompt(self, prompt: str) -> torch.Tensor:
         ids = self.tokenizer.encode(prompt)

@@ -138,7 +138,8 @@ def test_resume_with_accumulated_gradients_matches_uninterrupted_run(tmp_path, c
     assert_continues(second, whole, at=10, precision=precision)
 
 
-def test_ctrl_c_leaves_a_checkpoint_at_that_step_to_resume_from(tmp_path, corpus, whole_run, resume_precision):
+def test_ctrl_c_leaves_a_checkpoint_at_that_step_to_resume_from(tmp_path, corpus, whole_run, resume_precision,
+                                                               caplog):
     """Ctrl-C at step 25, between validations (every 10 steps): Lightning shuts down and exits, and
     checkpoints/interrupted.ckpt holds step 25, where last.ckpt holds step 20."""
     steps = ["trainer.max_steps=40", *PRECISION[resume_precision]]
@@ -152,6 +153,8 @@ def test_ctrl_c_leaves_a_checkpoint_at_that_step_to_resume_from(tmp_path, corpus
     checkpoints = tmp_path / "first" / "checkpoints"
     assert torch.load(checkpoints / "interrupted.ckpt", weights_only=True)["global_step"] == 25
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 20
+    assert f"stopped at step 25: its state is in {checkpoints / 'interrupted.ckpt'}; the same command with " \
+           f"ckpt_path={checkpoints / 'interrupted.ckpt'} resumes it" in caplog.text
     _, second = run(tmp_path, corpus, *steps, f"ckpt_path={checkpoints / 'interrupted.ckpt'}", name="second")
     assert_continues(second, whole_run, at=25, precision=resume_precision)
 

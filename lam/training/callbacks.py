@@ -16,7 +16,7 @@ from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from rich import get_console
 from rich.console import Console
 from rich.panel import Panel
@@ -211,4 +211,6 @@ class InterruptedCheckpoint(L.Callback):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if trainer.state.fn == TrainerFn.FITTING and trainer.global_step > 0:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)
+            rank_zero_info(f"stopped at step {trainer.global_step}: its state is in {self.path}; the same command "
+                           f"with ckpt_path={self.path} resumes it")

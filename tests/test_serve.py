@@ -195,6 +195,18 @@ def test_each_bad_parameter_is_a_4xx_in_openais_error_shape(client, change, para
     assert error["param"] == param and error["message"] and error["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize("content, message", [
+    ("€uro", "the transcript (a 'role: content' line per message): character '€' is not in the tokenizer's "),
+    ("a" * 51, "the transcript (a 'role: content' line per message) has {n} tokens; this server takes at most 50"),
+])
+def test_a_chat_the_model_cannot_read_names_its_messages(client, content, message):
+    messages = [{"role": "user", "content": content}]
+    message = message.format(n=len(chat_prompt_text(messages)))  # one character a token
+    response = client.post("/v1/chat/completions", json={"messages": messages})
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] == "messages" and error["message"].startswith(message)
+
+
 @pytest.mark.parametrize("body", [b"{not json", b"[]", b'{"messages": []}', b'{"messages": [{"role": "user"}]}'])
 def test_a_malformed_body_is_a_400(client, body):
     for path in ("/v1/completions", "/v1/chat/completions"):

@@ -113,23 +113,25 @@ class Server:
         self.lock = threading.Lock()
         self.pieces_generated = 0  # over the server's life: lets a test see generation stop
 
-    def check(self, params: Sampling, prompt: str) -> int:
-        """The prompt's token count, after checking the request against the model and the limits."""
+    def check(self, params: Sampling, prompt: str, param: str = "prompt") -> int:
+        """The prompt's token count, after checking the request against the model and the limits; `param` is
+        the request's field the prompt comes from (a chat's prompt is the transcript of its `messages`)."""
         if params.model is not None and params.model != self.model_id:
             raise APIError(404, f"the model {params.model!r} does not exist; this server has {self.model_id!r}",
                            "model", "model_not_found")
         if params.max_tokens > self.max_tokens:
             raise APIError(400, f"max_tokens is at most {self.max_tokens} on this server, got {params.max_tokens}",
                            "max_tokens")
+        shown = "the prompt" if param == "prompt" else "the transcript (a 'role: content' line per message)"
         try:
             n = len(self.model.tokenizer.encode(prompt))
         except UserError as e:
-            raise APIError(400, str(e), "prompt") from None
+            raise APIError(400, f"{shown}: {e}", param) from None
         if n == 0:
-            raise APIError(400, "the prompt is empty: give at least one character", "prompt")
+            raise APIError(400, "the prompt is empty: give at least one character", param)
         if n > self.max_prompt_tokens:
-            raise APIError(400, f"the prompt has {n} tokens; this server takes at most {self.max_prompt_tokens}",
-                           "prompt", "context_length_exceeded")
+            raise APIError(400, f"{shown} has {n} tokens; this server takes at most {self.max_prompt_tokens}",
+                           param, "context_length_exceeded")
         return n
 
     def count(self, text: str) -> int:
@@ -250,10 +252,10 @@ def create_app(model, model_id: str = "lam", max_prompt_tokens: int = 4096, max_
                                             **model.info}]}
 
     async def respond(request: Request, params: Sampling, prompt: str, kind: str):
-        prompt_tokens = server.check(params, prompt)
+        chat = kind == "chatcmpl"
+        prompt_tokens = server.check(params, prompt, "messages" if chat else "prompt")
         stop_strings(params.stop)
         ident, created = f"{kind}-{uuid.uuid4().hex}", int(time.time())
-        chat = kind == "chatcmpl"
 
         def chunk(text: str | None, reason: str | None) -> dict:
             if chat:

@@ -7,8 +7,10 @@ import sys
 import pytest
 import torch
 
+import lam
 from helpers import TINY, compose_train
 from lam.errors import UserError
+from lam.export import export
 from lam.generate import load_checkpoint
 from lam.train import train
 
@@ -78,6 +80,24 @@ def test_file_that_is_not_a_lam_checkpoint(tmp_path):
     (tmp_path / "garbage.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="not a readable checkpoint"):
         load_checkpoint(tmp_path / "garbage.ckpt")
+
+
+def test_a_model_file_a_checkpoint_and_a_folder_given_for_one_another_say_what_they_are(tmp_path, corpus):
+    train_on(corpus, tmp_path, "trainer.max_steps=2")
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    export(ckpt, tmp_path / "m.lam")
+    with pytest.raises(UserError, match=rf"^{tmp_path}/m.lam is a model file, not a checkpoint: .* take it as "
+                                        rf"model={tmp_path}/m.lam, lam.train as init_from={tmp_path}/m.lam$"):
+        load_checkpoint(tmp_path / "m.lam")
+    with pytest.raises(UserError, match=rf"^{ckpt} is a checkpoint, not a model file: give it as ckpt={ckpt}, "):
+        lam.load(ckpt)
+    with pytest.raises(UserError, match=rf"^checkpoint {tmp_path / 'run'} is a folder; give a file in it, e\.g\. "
+                                        rf"{ckpt.parent}/\w+\.ckpt$"):
+        load_checkpoint(tmp_path / "run")
+    with pytest.raises(UserError, match=r"is a folder; it holds no .ckpt file$"):
+        load_checkpoint(tmp_path / "run" / "csv")
+    with pytest.raises(UserError, match=rf"^model file {tmp_path} is a folder$"):
+        lam.load(tmp_path)
 
 
 def test_checkpoint_that_does_not_match_its_model(tmp_path, corpus):

@@ -99,6 +99,9 @@ def read_metadata(data: bytes, path: Path) -> dict[str, str]:
     except (UnicodeDecodeError, json.JSONDecodeError):
         header = None
     if not isinstance(header, dict):
+        if data[:4] == b"PK\x03\x04":  # a torch.save archive
+            raise UserError(f"{path} is a checkpoint, not a model file: give it as ckpt={path}, or make a model "
+                            f"file of it with python -m lam.export ckpt={path} out=<name>.lam")
         raise UserError(f"{path} is not a LAM model file (no safetensors header)")
     metadata = header.get("__metadata__")
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT or set(ENTRIES) - set(metadata):
@@ -111,7 +114,7 @@ def read(path: str | Path, device: str = "cpu") -> ModelFile:
     changed or foreign file, or one that names classes that are not LAM's."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"model file {path} does not exist")
+        raise UserError(f"model file {path} is a folder" if path.is_dir() else f"model file {path} does not exist")
     data = path.read_bytes()
     metadata = read_metadata(data, path)
     if metadata["version"] != str(VERSION):

@@ -16,8 +16,17 @@ def read_checkpoint(path: str | Path, device: str = "cpu") -> dict:
     holds anything but tensors and plain values (weights_only: unpickling it runs no code) or a model config
     naming a class that is not LAM's."""
     path = Path(path)
+    if path.is_dir():
+        found = sorted(path.rglob("*.ckpt"))
+        raise UserError(f"checkpoint {path} is a folder; " + (f"give a file in it, e.g. {found[0]}" if found else
+                                                              "it holds no .ckpt file"))
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[8:9] == b"{" and head[:4] != b"PK\x03\x04":  # a safetensors header: 8 bytes of length, then JSON
+        raise UserError(f"{path} is a model file, not a checkpoint: lam.generate, lam.eval and lam.chat take it as "
+                        f"model={path}, lam.train as init_from={path}")
     try:  # memory-mapped: tensors are read when used, so a check that reads shapes only reads little
         checkpoint = torch.load(path, map_location=device, weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:  # weights_only refused an object: its message names the global

@@ -10,7 +10,9 @@ Hydra's config group of architectures, so Hydra would take model=FILE for a grou
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import socket
 import sys
 from pathlib import Path
 
@@ -44,6 +46,26 @@ def read_config(args: list[str]) -> DictConfig:
     return cfg
 
 
+def check_port_free(host: str, port: int) -> None:
+    """A UserError if `port` on `host` cannot be bound (another server holds it), before the model is loaded;
+    port 0 (any free port) is always free."""
+    if port == 0:
+        return
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as e:
+        raise UserError(f"host={host} is not an address of this machine ({e.strerror})") from None
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind((host, port))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} on {host} is in use (another server holds it): give another port=") \
+                from None
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -61,6 +83,7 @@ def main(args: list[str] | None = None) -> None:
         print((config_dir() / "serve.yaml").read_text(encoding="utf-8"))
         return
     cfg = read_config(args)
+    check_port_free(cfg.host, cfg.port)
     set_threads(cfg.threads)
     model = lam.load(cfg.model)
     model_id = cfg.model_id or Path(cfg.model).stem

@@ -400,10 +400,15 @@ def test_only_loopback_hosts_serve_without_a_warning(host, loopback):
     assert is_loopback(host) is loopback
 
 
-def test_python_m_lam_serve_serves_a_model_file_on_loopback(model_path, model):
-    with socket.socket() as s:  # a port free a moment ago; uvicorn binds it again at once
+def free_port() -> int:
+    """A port of 127.0.0.1 free a moment ago; the server binds it again at once."""
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def test_python_m_lam_serve_serves_a_model_file_on_loopback(model_path, model):
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "lam.serve", f"model={model_path}", f"port={port}",
                                "log_level=warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -432,11 +437,31 @@ def test_serving_beyond_loopback_warns(model_path, monkeypatch, capsys):
     served = {}
     monkeypatch.setattr(lam.serve.uvicorn, "run", lambda app, **kwargs: served.update(kwargs))
     threads = torch.get_num_threads()
-    lam.serve.main([f"model={model_path}", "host=0.0.0.0", "port=8123", f"threads={threads + 1}"])
+    port = free_port()
+    lam.serve.main([f"model={model_path}", "host=0.0.0.0", f"port={port}", f"threads={threads + 1}"])
     assert torch.get_num_threads() == threads + 1
     torch.set_num_threads(threads)
-    assert served["host"] == "0.0.0.0" and served["port"] == 8123
+    assert served["host"] == "0.0.0.0" and served["port"] == port
     assert "warning: host=0.0.0.0 serves the model to anyone" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_port_another_server_holds_before_loading_the_model(model_path, monkeypatch):
+    import lam.serve
+
+    monkeypatch.setattr(lam, "load", lambda path: pytest.fail("the model was loaded"))
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(UserError, match=f"^port {port} on 127.0.0.1 is in use \\(another server holds it\\): "
+                                            "give another port=$"):
+            lam.serve.main.__wrapped__([f"model={model_path}", f"port={port}"])
+    def unknown(*args, **kwargs):  # as a resolver answers for a name it does not know, without asking one
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unknown)
+    with pytest.raises(UserError, match="^host=nowhere.invalid is not an address of this machine"):
+        lam.serve.main.__wrapped__([f"model={model_path}", "host=nowhere.invalid"])
 
 
 def test_serve_names_a_missing_model_file_in_one_line(tmp_path):

@@ -141,6 +141,20 @@ def command_line(*text_keys: str) -> Callable:
     return decorate
 
 
+def check_device(device: str) -> None:
+    """A UserError unless `device` names a device this machine has (cpu, cuda, cuda:1, mps)."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise UserError(f"device={device} is not a device; use cpu, cuda, cuda:<index> or mps") from None
+    index = torch.device(device).index or 0
+    if kind == "cuda" and index >= torch.cuda.device_count():
+        have = f"{torch.cuda.device_count()} CUDA GPU(s)" if torch.cuda.is_available() else "no CUDA GPU"
+        raise UserError(f"device={device}: this machine has {have} (torch {torch.__version__}); use device=cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device={device}: this machine has no MPS device; use device=cpu")
+
+
 def set_threads(threads) -> None:
     """torch.set_num_threads(threads) for an entry point's `threads` key; None leaves torch's choice."""
     if threads is None:

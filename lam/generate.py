@@ -13,7 +13,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from lam.config import command_line, config_dir, report_user_errors, set_threads
+from lam.config import check_device, command_line, config_dir, report_user_errors, set_threads
 from lam.data.corpora import corpus_name
 from lam.data.tokenizer import Tokenizer, check_same_tokenizer, load_tokenizer
 from lam.errors import UserError
@@ -53,6 +53,7 @@ def load_model(model: str | None, ckpt: str | None, device: str = "cpu") -> tupl
     if (model is None) == (ckpt is None):
         raise UserError("give the model to use: model=<file>.lam (from lam.export) or ckpt=<run>/checkpoints/"
                         "<name>.ckpt, one of them")
+    check_device(device)
     if model is not None:
         return Model.load(model, device), f"model file {model}"
     checkpoint = read_checkpoint(ckpt, device)

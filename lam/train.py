@@ -73,6 +73,10 @@ def check_values(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and not allowed(value):
             raise UserError(f"{key}={value} {rule}")
+    accelerator = cfg.trainer.get("accelerator")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError(f"trainer.accelerator={accelerator} needs a CUDA GPU and this machine has none (torch "
+                        f"{torch.__version__}); use trainer=cpu")
 
 
 def build_net(model: DictConfig, vocab_size: int) -> torch.nn.Module:

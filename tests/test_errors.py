@@ -11,7 +11,7 @@ import lam
 from helpers import TINY, compose_train
 from lam.errors import UserError
 from lam.export import export
-from lam.generate import load_checkpoint
+from lam.generate import load_checkpoint, load_model
 from lam.train import train
 
 
@@ -201,3 +201,26 @@ def test_cli_bad_value_is_one_line(tmp_path, corpus):
     result = cli("lam.train", *TINY, "data=custom", f"data.path={corpus}", "optim.lr=-1", cwd=tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == "error: optim.lr=-1 must be > 0 (the learning rate)"
+
+
+def test_a_device_or_accelerator_this_machine_lacks_is_one_line(tmp_path, corpus, monkeypatch):
+    from lam.config import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    check_device("cpu")
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(UserError, match=rf"^device={device}: this machine has no CUDA GPU \(torch .*\); use "
+                                            r"device=cpu$"):
+            load_model(None, tmp_path / "missing.ckpt", device)  # before the file is looked for
+    with pytest.raises(UserError, match=r"^device=tpu is not a device; use cpu, cuda, cuda:<index> or mps$"):
+        check_device("tpu")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    check_device("cuda:0")
+    with pytest.raises(UserError, match=r"^device=cuda:1: this machine has 1 CUDA GPU\(s\)"):
+        check_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match=r"^trainer.accelerator=gpu needs a CUDA GPU and this machine has none "):
+        train_on(corpus, tmp_path, "trainer=gpu")
+    assert not (tmp_path / "run" / "checkpoints").exists()

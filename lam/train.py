@@ -64,6 +64,7 @@ VALUE_CHECKS = [
     ("trainer.accumulate_grad_batches", is_positive_int, "must be an integer >= 1"),
     ("trainer.val_check_interval", is_positive_int, "must be an integer >= 1 (training steps between validations)"),
     ("seed", lambda v: isinstance(v, int) and not isinstance(v, bool), "must be an integer"),
+    ("tokenizer.vocab_size", is_positive_int, "must be an integer (tokens in the vocabulary)"),
 ]
 
 

@@ -181,6 +181,7 @@ def test_resuming_another_attention_or_depth_names_the_differing_keys(tmp_path, 
     ("threads=0", "threads takes an integer from 1 up, or null, got 0"),
     ("trainer.val_check_interval=0", "trainer.val_check_interval=0 must be an integer >= 1"),
     ("seed=abc", "seed=abc must be an integer"),
+    ("tokenizer=bpe tokenizer.vocab_size=abc", "tokenizer.vocab_size=abc must be an integer"),
     # what the model's constructors refuse
     ("model.n_head=3", "model: n_head must be >= 1 and divide d_model=32, got n_head=3"),
     ("model.n_head=0", "model: n_head must be >= 1 and divide d_model=32, got n_head=0"),

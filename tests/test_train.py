@@ -160,10 +160,14 @@ def test_ctrl_c_leaves_a_checkpoint_at_that_step_to_resume_from(tmp_path, corpus
 
 
 def test_a_run_in_a_used_folder_starts_fresh(tmp_path, corpus):
-    """ckpt_path=null means a fresh start, also where the folder holds checkpoints of an earlier run."""
-    runs = [column(read_metrics(run(tmp_path, corpus, "trainer.max_steps=12", *PRECISION["32-true"],
-                                    name="same")[1]), "train/loss") for _ in range(2)]
-    assert runs[1][0][0] == 1 and runs[1] == runs[0]
+    """ckpt_path=null means a fresh start, also where the folder holds checkpoints of an earlier run; its
+    best.ckpt and last.ckpt replace the earlier run's (no best-v1.ckpt beside them)."""
+    runs = [column(read_metrics(run(tmp_path, corpus, f"trainer.max_steps={steps}", *PRECISION["32-true"],
+                                    name="same")[1]), "train/loss") for steps in (12, 10)]
+    assert runs[1][0][0] == 1 and runs[1][:5] == runs[0][:5]  # the same warmup, whatever max_steps
+    checkpoints = tmp_path / "same" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert torch.load(checkpoints / "best.ckpt", weights_only=True)["global_step"] == 10
 
 
 class GradientProbe(L.Callback):

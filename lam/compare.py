@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="a column of csv/metrics.csv, lower is better (default: val/loss)")
     args = parser.parse_args(argv)
 
+    if missing := [r for r in args.runs if not Path(r).exists()]:
+        raise UserError(f"{missing[0]} does not exist")
     paths = find_runs(args.runs)
     if not paths:
         raise UserError(f"no runs (folders with .hydra/config.yaml) in {' '.join(args.runs)}")

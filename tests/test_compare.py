@@ -87,6 +87,9 @@ def test_no_runs_is_a_one_line_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         main([str(tmp_path)])
     assert exit.value.code == 1 and "no runs" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit:
+        main([str(tmp_path), str(tmp_path / "gone")])
+    assert exit.value.code == 1 and capsys.readouterr().err.strip() == f"error: {tmp_path / 'gone'} does not exist"
 
 
 def test_a_metric_no_run_logged_is_a_one_line_error_naming_the_logged_ones(tmp_path, capsys):

@@ -81,7 +81,7 @@ def training_corpus(model: Model, source: str) -> list[str]:
 
 def run(argv: list[str]) -> dict:
     own, overrides = parse(argv)
-    out = Path(own["out"])
+    out = Path(own["out"]).expanduser()
     if not out.parent.is_dir():
         raise UserError(f"out={out}: folder {out.parent} does not exist")
     model, source = load_model(own["model"], own["ckpt"], own["device"])

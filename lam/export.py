@@ -31,7 +31,7 @@ def validation_loss(checkpoint: dict) -> float | None:
 
 def export(ckpt: str | Path, out: str | Path) -> Model:
     """The checkpoint's model, written to the model file `out`."""
-    ckpt, out = Path(ckpt), Path(out)
+    ckpt, out = Path(ckpt).expanduser(), Path(out).expanduser()
     if not out.parent.is_dir():
         raise UserError(f"out={out}: folder {out.parent} does not exist")
     if out.resolve() == ckpt.resolve():
@@ -54,7 +54,7 @@ def export(ckpt: str | Path, out: str | Path) -> Model:
 def main(cfg: DictConfig) -> None:
     print(f"reading {cfg.ckpt}")
     model = export(cfg.ckpt, cfg.out)
-    size = Path(cfg.out).stat().st_size
+    size = Path(cfg.out).expanduser().stat().st_size
     print(f"wrote {cfg.out}: {model.summary()}, {size / 1e6:.2f} MB; use it: python -m lam.generate model={cfg.out}")
 
 

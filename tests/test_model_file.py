@@ -247,3 +247,10 @@ def test_a_models_summary_names_its_attention_and_positions_or_its_class(tmp_pat
     bigram = Model(build({"_target_": "lam.models.Bigram"}, "test", vocab_size=TOKENIZER.vocab_size), TOKENIZER,
                    {"_target_": "lam.models.Bigram"})
     assert bigram.summary() == f"{TOKENIZER.vocab_size ** 2:,} parameters, Bigram, {describe(TOKENIZER)}"
+
+
+def test_paths_with_a_tilde_are_the_home_folders(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _, ckpt = write_checkpoint(tmp_path, model_config(tmp_path, "linear", "learned"))
+    export("~/run.ckpt", "~/m.lam")
+    assert (tmp_path / "m.lam").is_file() and lam.load("~/m.lam").info["attention"] == "LinearAttention"

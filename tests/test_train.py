@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 
 from helpers import TINY, TINY_MODEL, TINY_RUN, column, compose_train, read_metrics
+from lam.config import quote_overrides
 from lam.generate import load_checkpoint, sample
 from lam.train import train
 from precisions import EPS, PRECISION, curves_agree
@@ -260,3 +261,13 @@ def test_training_without_validation(tmp_path, corpus):
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
     assert not (out / "checkpoints" / "best.ckpt").exists()
     assert [json.loads(line)["step"] for line in (out / "samples.jsonl").read_text().splitlines()] == [12]
+
+
+def test_ckpt_path_with_a_tilde_resumes_from_the_home_folder(tmp_path, corpus, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    run(tmp_path, corpus, "trainer.max_steps=2", *PRECISION["32-true"], name="first")
+    # quoted for Hydra's grammar, as the command line's `ckpt_path=~/...` is (lam.config.command_line)
+    _, out = run(tmp_path, corpus, "trainer.max_steps=3", *PRECISION["32-true"],
+                 *quote_overrides(["ckpt_path=~/first/checkpoints/last.ckpt"]), name="second")
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    assert [step for step, _ in column(read_metrics(out), "train/loss")] == [3]

@@ -70,7 +70,7 @@ def tied_names(state_dict: dict[str, torch.Tensor]) -> dict[str, str]:
 def save(path: str | Path, net: nn.Module, tokenizer: Tokenizer, config: dict, record: dict) -> Path:
     """Write the model file at `path` atomically (a temporary file beside it, then renamed): a reader sees the
     old file or the new one, never half of one."""
-    path = Path(path)
+    path = Path(path).expanduser()
     state = net.state_dict()
     tied = tied_names(state)
     tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in state.items() if name not in tied}
@@ -112,7 +112,7 @@ def read_metadata(data: bytes, path: Path) -> dict[str, str]:
 def read(path: str | Path, device: str = "cpu") -> ModelFile:
     """The model file at `path`, its checksum verified; a UserError (one line) for a missing, truncated,
     changed or foreign file, or one that names classes that are not LAM's."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"model file {path} is a folder" if path.is_dir() else f"model file {path} does not exist")
     data = path.read_bytes()

@@ -15,7 +15,7 @@ def read_checkpoint(path: str | Path, device: str = "cpu") -> dict:
     """The checkpoint's contents; a UserError if the file is missing, unreadable, not written by lam.train, or
     holds anything but tensors and plain values (weights_only: unpickling it runs no code) or a model config
     naming a class that is not LAM's."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_dir():
         found = sorted(path.rglob("*.ckpt"))
         raise UserError(f"checkpoint {path} is a folder; " + (f"give a file in it, e.g. {found[0]}" if found else

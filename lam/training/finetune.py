@@ -46,7 +46,7 @@ def is_checkpoint(path: Path) -> bool:
 def read_start(path: str | Path) -> Start:
     """The model, tokenizer and weights of a model file or a checkpoint of lam.train; a UserError if it is
     neither."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_file() and not is_checkpoint(path):
         found = model_file.read(path)
         return Start(path, found.config, found.tokenizer, found.net.state_dict())

@@ -115,16 +115,21 @@ def terminal(text: str) -> str:
 
 @pytest.mark.slow
 def test_chat_streams_resets_and_quits_in_a_terminal(tmp_path):
-    m = model(SoftmaxAttention, "rope")
+    """Learned positions, block_size 64 and 300 tokens a turn: the session the terminal drives shifts its
+    context (context_shift=true), as the one run here does; recomputing the window instead gives other text."""
+    m = model(SoftmaxAttention, "learned", block_size=64)
     with torch.no_grad():
         for p in m.net.parameters():  # larger weights than the init's: a reply of varied characters
             p.mul_(8)
-    config = {"_target_": "lam.models.LAM", "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 256,
-              "pos": "rope", "attention": {"_target_": "lam.models.attention.SoftmaxAttention", "_partial_": True}}
+    config = {"_target_": "lam.models.LAM", "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64,
+              "pos": "learned", "attention": {"_target_": "lam.models.attention.SoftmaxAttention",
+                                              "_partial_": True}}
     model_file.save(tmp_path / "m.lam", m.net.float(), TOKENIZER, config, {})
-    session = Session(lam.load(tmp_path / "m.lam"), max_new_tokens=300, temperature=0)
+    session = Session(lam.load(tmp_path / "m.lam"), max_new_tokens=300, temperature=0, context_shift=True)
     first, second = "".join(session.turn("the king\n")), "".join(session.turn("and the queen\n"))
     assert len(set(first)) > 5 and first != second
+    assert "".join(Session(lam.load(tmp_path / "m.lam"), max_new_tokens=300, temperature=0).turn(
+        "the king\n")) != first  # the shift matters to what the terminal shows
 
     child = pexpect.spawn(sys.executable, ["-m", "lam.chat", f"model={tmp_path / 'm.lam'}", "temperature=0",
                                            "max_new_tokens=300", "threads=1", "context_shift=true"],

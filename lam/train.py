@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from numbers import Real
 from pathlib import Path
 
@@ -65,6 +66,13 @@ VALUE_CHECKS = [
     ("trainer.val_check_interval", is_positive_int, "must be an integer >= 1 (training steps between validations)"),
     ("seed", lambda v: isinstance(v, int) and not isinstance(v, bool), "must be an integer"),
     ("tokenizer.vocab_size", is_positive_int, "must be an integer (tokens in the vocabulary)"),
+    ("data.num_workers", lambda v: is_positive_int(v) or v == 0, "must be an integer >= 0 (0: batches are made in "
+     "the training process)"),
+    ("scheduler.warmup_steps", lambda v: is_positive_int(v) or v == 0, "must be an integer >= 0"),
+    ("scheduler.min_lr_ratio", lambda v: is_number(v) and 0 <= v <= 1, "must be between 0 and 1 (of optim.lr)"),
+    ("trainer.gradient_clip_val", lambda v: is_number(v) and v >= 0, "must be >= 0, or null for no clipping"),
+    ("optim.betas", lambda v: isinstance(v, Sequence) and len(v) == 2 and all(is_number(b) and 0 <= b < 1 for b in v),
+     "must be two numbers in [0, 1), e.g. [0.9,0.99]"),
 ]
 
 

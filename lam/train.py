@@ -124,10 +124,10 @@ def validate_the_end(trainer: L.Trainer, model: LanguageModel, datamodule) -> No
     if checkpoint.monitor == "val/loss" and checkpoint.mode == "min" \
             and (checkpoint.best_model_score is None or loss < checkpoint.best_model_score):
         checkpoint.best_model_path, checkpoint.best_model_score = checkpoint.format_checkpoint_name({}), loss
-        trainer.save_checkpoint(checkpoint.best_model_path, weights_only=False)
+        trainer.save_checkpoint(checkpoint.best_model_path, weights_only=checkpoint.save_weights_only)
     if checkpoint.save_last:
         checkpoint.last_model_path = checkpoint.format_checkpoint_name({}, checkpoint.CHECKPOINT_NAME_LAST)
-        trainer.save_checkpoint(checkpoint.last_model_path, weights_only=False)
+        trainer.save_checkpoint(checkpoint.last_model_path, weights_only=checkpoint.save_weights_only)
 
 
 def start_from(cfg: DictConfig) -> Start:

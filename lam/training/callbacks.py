@@ -211,6 +211,6 @@ class InterruptedCheckpoint(L.Callback):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if trainer.state.fn == TrainerFn.FITTING and trainer.global_step > 0:
-            trainer.save_checkpoint(self.path, weights_only=False)
+            trainer.save_checkpoint(self.path)  # the whole state: it resumes
             rank_zero_info(f"stopped at step {trainer.global_step}: its state is in {self.path}; the same command "
                            f"with ckpt_path={self.path} resumes it")

@@ -144,11 +144,11 @@ def command_line(*text_keys: str) -> Callable:
 def check_device(device: str) -> None:
     """A UserError unless `device` names a device this machine has (cpu, cuda, cuda:1, mps)."""
     try:
-        kind = torch.device(device).type
+        parsed = torch.device(device)
     except (RuntimeError, TypeError):
         raise UserError(f"device={device} is not a device; use cpu, cuda, cuda:<index> or mps") from None
-    index = torch.device(device).index or 0
-    if kind == "cuda" and index >= torch.cuda.device_count():
+    kind = parsed.type
+    if kind == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
         have = f"{torch.cuda.device_count()} CUDA GPU(s)" if torch.cuda.is_available() else "no CUDA GPU"
         raise UserError(f"device={device}: this machine has {have} (torch {torch.__version__}); use device=cpu")
     if kind == "mps" and not torch.backends.mps.is_available():

@@ -11,6 +11,18 @@ from lam.errors import UserError
 from lam.serving.build import check_targets
 
 
+def is_checkpoint(path: Path) -> bool:
+    """Whether the file is a torch.save zip archive (a checkpoint) rather than a model file (safetensors)."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def is_model_file(path: Path) -> bool:
+    """Whether the file begins as a safetensors file (a model file): 8 bytes of header length, then JSON."""
+    with open(path, "rb") as f:
+        return f.read(9)[8:9] == b"{"
+
+
 def read_checkpoint(path: str | Path, device: str = "cpu") -> dict:
     """The checkpoint's contents; a UserError if the file is missing, unreadable, not written by lam.train, or
     holds anything but tensors and plain values (weights_only: unpickling it runs no code) or a model config
@@ -22,9 +34,7 @@ def read_checkpoint(path: str | Path, device: str = "cpu") -> dict:
                                                               "it holds no .ckpt file"))
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if head[8:9] == b"{" and head[:4] != b"PK\x03\x04":  # a safetensors header: 8 bytes of length, then JSON
+    if is_model_file(path) and not is_checkpoint(path):
         raise UserError(f"{path} is a model file, not a checkpoint: lam.generate, lam.eval and lam.chat take it as "
                         f"model={path}, lam.train as init_from={path}")
     try:  # memory-mapped: tensors are read when used, so a check that reads shapes only reads little

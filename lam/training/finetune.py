@@ -18,7 +18,7 @@ from lam.data.tokenizer import Tokenizer, load_tokenizer
 from lam.errors import UserError
 from lam.models.lora import add_lora, merge_lora_weights
 from lam.serving import model_file
-from lam.training.checkpoint import read_checkpoint
+from lam.training.checkpoint import is_checkpoint, read_checkpoint
 from lam.training.runs import flatten
 
 
@@ -35,12 +35,6 @@ class Start:
     def load_into(self, net: nn.Module) -> None:
         """Copy the file's weights into `net`, a model built from `self.model`."""
         net.load_state_dict(self.weights)
-
-
-def is_checkpoint(path: Path) -> bool:
-    """Whether the file is a torch.save zip archive (a checkpoint) rather than a model file (safetensors)."""
-    with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"
 
 
 def read_start(path: str | Path) -> Start:

@@ -126,6 +126,11 @@ def quote_overrides(args: Sequence[str], text_keys: Sequence[str] = ()) -> list[
     return out
 
 
+def override_key(override: str) -> str:
+    """The config key a command-line override sets: `data.path` for `data.path=x.txt` and `+data.path=x.txt`."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def command_line(*text_keys: str) -> Callable:
     """For a `hydra.main` entry point: quote its command line's values with `quote_overrides` before Hydra
     reads them."""

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from lam.config import compose_train, config_dir, hydra_quoted, quote_overrides, report_user_errors
+from lam.config import compose_train, config_dir, hydra_quoted, override_key, quote_overrides, report_user_errors
 from lam.errors import UserError
 from lam.data.corpora import corpus_name
 from lam.generate import load_model
@@ -85,9 +85,9 @@ def run(argv: list[str]) -> dict:
     if not out.parent.is_dir():
         raise UserError(f"out={out}: folder {out.parent} does not exist")
     model, source = load_model(own["model"], own["ckpt"], own["device"])
-    if not any(o.split("=", 1)[0].lstrip("+~") in ("data", "data.path") for o in overrides):
+    if not any(override_key(o) in ("data", "data.path") for o in overrides):
         overrides = [*training_corpus(model, source), *overrides]
-    if not any(o.split("=", 1)[0] == "data.block_size" for o in overrides) and model.info["block_size"]:
+    if not any(override_key(o) == "data.block_size" for o in overrides) and model.info["block_size"]:
         overrides.append(f"data.block_size={model.info['block_size']}")
     with tempfile.TemporaryDirectory() as folder:
         cfg = compose_train([*overrides, "data.save_dir=null"], folder)

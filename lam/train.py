@@ -32,7 +32,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lam.config import command_line, config_dir, report_user_errors, set_threads, user_error
+from lam.config import command_line, config_dir, override_key, report_user_errors, set_threads, user_error
 from lam.errors import UserError
 from lam.models.flops import flops_per_token
 from lam.sweep import needs_own_process, run_as_own_process
@@ -130,12 +130,12 @@ def validate_the_end(trainer: L.Trainer, model: LanguageModel, datamodule) -> No
         trainer.save_checkpoint(checkpoint.last_model_path, weights_only=checkpoint.save_weights_only)
 
 
-def start_from(cfg: DictConfig) -> Start:
-    """init_from's model, whose architecture replaces cfg.model; a UserError if the command line asks for
-    another. With ckpt_path= too (the fine-tune's own command, resumed), the checkpoint's weights, optimizer and
-    step then replace the file's."""
+def start_from(cfg: DictConfig, overrides: Sequence[str]) -> Start:
+    """init_from's model, whose architecture replaces cfg.model; a UserError if the command line's `overrides`
+    ask for another. With ckpt_path= too (the fine-tune's own command, resumed), the checkpoint's weights,
+    optimizer and step then replace the file's."""
     start = read_start(cfg.init_from)
-    check_architecture(start, OmegaConf.to_container(cfg.model, resolve=True), HydraConfig.get().overrides.task)
+    check_architecture(start, OmegaConf.to_container(cfg.model, resolve=True), overrides)
     with open_dict(cfg):
         cfg.model = start.model
     return start
@@ -146,11 +146,12 @@ def train(cfg: DictConfig) -> float | None:
     check_values(cfg)
     set_threads(cfg.get("threads"))
     L.seed_everything(cfg.seed, workers=True)
-    start = start_from(cfg) if cfg.get("init_from") else None
+    overrides = HydraConfig.get().overrides.task if cfg.get("init_from") else []
+    start = start_from(cfg, overrides) if cfg.get("init_from") else None
     datamodule = instantiate(cfg.data, **({"tokenizer": start.tokenizer} if start else {}))
     net = build_net(cfg.model, datamodule.vocab_size)
     if start:
-        given = [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task]
+        given = [override_key(o) for o in overrides]
         block_size = context_for(start, net, datamodule.block_size, "data.block_size" in given)
         if block_size != datamodule.block_size:  # the windows the file's learned positions reach
             log.info(f"data.block_size={block_size}: as far as the positions of init_from={cfg.init_from} reach")

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from hydra.errors import MissingConfigException
 
 import lam
 from helpers import TINY, compose_train
@@ -151,8 +152,8 @@ def test_cli_unknown_config_option_is_hydra_error(tmp_path):
     assert "Could not find 'attention/quadratic'" in result.stderr
     assert "Available options" in result.stderr and "linear" in result.stderr
     for group in ("experiment", "hparams_search"):  # preset groups too, which are empty by default
-        result = cli("lam.train", f"{group}=nope", "--cfg", "job", cwd=tmp_path)
-        assert result.returncode == 1 and f"Could not find '{group}/nope'" in result.stderr
+        with pytest.raises(MissingConfigException, match=f"Could not find '{group}/nope'"):
+            compose_train([f"{group}=nope"], tmp_path / "run")
 
 
 def test_resuming_another_attention_or_depth_names_the_differing_keys(tmp_path, corpus):

@@ -1,6 +1,7 @@
 """`--help` of each entry point is LAM's own page: what it does, its groups with their choices (or its keys),
 three example commands; not Hydra's generic "powered by Hydra" page."""
 
+import functools
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import pytest
 from lam.config import config_dir
 
 
+@functools.cache  # one subprocess per entry point: the pages do not change within a session
 def help_page(entry: str) -> str:
     done = subprocess.run([sys.executable, "-m", f"lam.{entry}", "--help"], capture_output=True, text=True,
                           timeout=120, check=True)

@@ -146,18 +146,20 @@ def command_line(*text_keys: str) -> Callable:
     return decorate
 
 
-def check_device(device: str) -> None:
-    """A UserError unless `device` names a device this machine has (cpu, cuda, cuda:1, mps)."""
+def check_device(device: str, setting: str | None = None, instead: str = "device=cpu") -> None:
+    """A UserError unless `device` names a device this machine has (cpu, cuda, cuda:1, mps). The message
+    names `setting` (default: device=<device>) and suggests `instead`."""
+    setting = setting or f"device={device}"
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError):
-        raise UserError(f"device={device} is not a device; use cpu, cuda, cuda:<index> or mps") from None
+        raise UserError(f"{setting} is not a device; use cpu, cuda, cuda:<index> or mps") from None
     kind = parsed.type
     if kind == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
         have = f"{torch.cuda.device_count()} CUDA GPU(s)" if torch.cuda.is_available() else "no CUDA GPU"
-        raise UserError(f"device={device}: this machine has {have} (torch {torch.__version__}); use device=cpu")
+        raise UserError(f"{setting}: this machine has {have} (torch {torch.__version__}); use {instead}")
     if kind == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"device={device}: this machine has no MPS device; use device=cpu")
+        raise UserError(f"{setting}: this machine has no MPS device; use {instead}")
 
 
 def set_threads(threads) -> None:

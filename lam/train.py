@@ -32,7 +32,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lam.config import command_line, config_dir, override_key, report_user_errors, set_threads, user_error
+from lam.config import check_device, command_line, config_dir, override_key, report_user_errors, set_threads, \
+    user_error
 from lam.errors import UserError
 from lam.models.flops import flops_per_token
 from lam.sweep import needs_own_process, run_as_own_process
@@ -83,9 +84,8 @@ def check_values(cfg: DictConfig) -> None:
         if value is not None and not allowed(value):
             raise UserError(f"{key}={value} {rule}")
     accelerator = cfg.trainer.get("accelerator")
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise UserError(f"trainer.accelerator={accelerator} needs a CUDA GPU and this machine has none (torch "
-                        f"{torch.__version__}); use trainer=cpu")
+    if accelerator in ("gpu", "cuda", "mps"):
+        check_device("mps" if accelerator == "mps" else "cuda", f"trainer.accelerator={accelerator}", "trainer=cpu")
 
 
 def build_net(model: DictConfig, vocab_size: int) -> torch.nn.Module:

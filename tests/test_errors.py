@@ -230,6 +230,8 @@ def test_a_device_or_accelerator_this_machine_lacks_is_one_line(tmp_path, corpus
     with pytest.raises(UserError, match=r"^device=cuda:1: this machine has 1 CUDA GPU\(s\)"):
         check_device("cuda:1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(UserError, match=r"^trainer.accelerator=gpu needs a CUDA GPU and this machine has none "):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(UserError, match=r"^trainer.accelerator=gpu: this machine has no CUDA GPU \(torch .*\); "
+                                        r"use trainer=cpu$"):
         train_on(corpus, tmp_path, "trainer=gpu")
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -173,6 +173,7 @@ def train(cfg: DictConfig) -> float | None:
     if needs_own_process(trainer):  # DDP inside a multirun (see lam.sweep)
         return run_as_own_process()
     log_at_steps_done(trainer)
+    log.info(f"precision: {trainer.precision}")
 
     try:
         for logger in trainer.loggers:  # once per run: the resolved config, the model's size and cost
@@ -192,6 +193,7 @@ def train(cfg: DictConfig) -> float | None:
             "best_val_loss": float(checkpoint.best_model_score) if checkpoint and checkpoint.best_model_score
             is not None else None,
             "steps": trainer.global_step,
+            "precision": trainer.precision,  # the config may only say ${lam.cpu_precision:}: the CPU's choice
             "tokens_seen": tokens,
             **size,
             "wall_s": round(wall_s, 2),

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from helpers import TINY, column, read_metrics
 from lam.compare import main
+from lam.training.precision import cpu_precision
 from lam.training.runs import differing_keys, find_runs, load_run, table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,17 +44,20 @@ def test_compare_reports_each_runs_best_loss_and_writes_a_png(multirun, tmp_path
         assert best == pytest.approx(json.loads((run / "metrics.json").read_text())["best_val_loss"])
         assert min(load_run(run, "val/loss").values) == best
         assert f"{best:.4f}" in out
+        # the config says ${lam.cpu_precision:}; the run's record says what that was on this machine
+        assert json.loads((run / "metrics.json").read_text())["precision"] == cpu_precision()
     assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 10_000
 
 
-def fake_run(path: Path, seed: int, lr: float, val_losses: list[float], model: str = "lam") -> Path:
+def fake_run(path: Path, seed: int, lr: float, val_losses: list[float], model: str = "lam",
+             precision: str = "32-true") -> Path:
     """A run folder as lam.train leaves it, with made-up losses; the LAM decoder takes the attention group,
-    the bigram does not."""
+    the bigram does not. The config leaves the precision to the CPU; metrics.json says what it was."""
     (path / ".hydra").mkdir(parents=True)
     model_config = {"_target_": "lam.models.LAM", "attention": "${attention}", "block_size": "${data.block_size}"} \
         if model == "lam" else {"_target_": "lam.models.Bigram"}
-    OmegaConf.save({"seed": seed, "model": model_config, "optim": {"lr": lr}, "paths": {"output_dir": str(path)}},
-                   path / ".hydra" / "config.yaml")
+    OmegaConf.save({"seed": seed, "model": model_config, "optim": {"lr": lr}, "paths": {"output_dir": str(path)},
+                    "trainer": {"precision": "${lam.cpu_precision:}"}}, path / ".hydra" / "config.yaml")
     choices = {"model": model, "attention": "linear", "data": "shakespeare", "hydra/launcher": "basic"}
     OmegaConf.save({"hydra": {"runtime": {"choices": choices}}}, path / ".hydra" / "hydra.yaml")
     (path / "csv").mkdir()
@@ -62,7 +66,8 @@ def fake_run(path: Path, seed: int, lr: float, val_losses: list[float], model: s
         writer.writeheader()
         for i, loss in enumerate(val_losses):
             writer.writerow({"step": 10 * (i + 1), "elapsed_s": i + 1.0, "val/loss": loss})
-    (path / "metrics.json").write_text(json.dumps({"params": 1000, "tokens_seen": 5000, "wall_s": 2.0}))
+    (path / "metrics.json").write_text(json.dumps({"params": 1000, "tokens_seen": 5000, "wall_s": 2.0,
+                                                   "precision": precision}))
     return path
 
 
@@ -81,6 +86,17 @@ def test_runs_differing_only_in_seed_are_averaged(tmp_path, capsys):
     assert "2.2000 ± 0.2828" in out and "2.5000" in out and "1e+03" not in out
     rows = table(runs, "val/loss").row_count
     assert rows == 2
+
+
+def test_runs_at_another_precision_are_not_averaged_with_them(tmp_path):
+    """One config on a bf16 CPU and on an AVX2 CPU: ${lam.cpu_precision:} chose bf16-mixed on one and 32-true on
+    the other, and metrics.json says which, so the runs are two groups and the table names the precision."""
+    fake_run(tmp_path / "a", seed=1, lr=1e-3, val_losses=[2.0], precision="bf16-mixed")
+    fake_run(tmp_path / "b", seed=2, lr=1e-3, val_losses=[2.2], precision="32-true")
+    runs = [load_run(path, "val/loss") for path in find_runs([str(tmp_path)])]
+    assert differing_keys(runs) == ["trainer.precision"]
+    cells = {c.header: list(c.cells) for c in table(runs, "val/loss").columns}
+    assert cells["trainer.precision"] == ["bf16-mixed", "32-true"]
 
 
 def test_no_runs_is_a_one_line_error(tmp_path, capsys):

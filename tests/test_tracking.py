@@ -22,6 +22,7 @@ from lam.models.flops import flops_per_token, forward_flops_per_token
 from lam.models import LAM
 from lam.models.attention import Attention, LinearAttention, SoftmaxAttention
 from lam.train import train
+from lam.training.precision import cpu_precision
 
 REPO = Path(__file__).resolve().parents[1]
 CSV_COLUMNS = {"step", "epoch", "train/loss", "lr", "grad_norm", "tokens_per_sec", "flops_per_sec", "elapsed_s",
@@ -310,7 +311,8 @@ def test_train_log_holds_the_runs_log_and_the_terminal_only_what_informs(tmp_pat
     log = (tmp_path / "run" / "train.log").read_text()
     best = tmp_path / "run" / "checkpoints" / "best.ckpt"
     for line in ("Seed set to 1337", "GPU available: False", f"run folder: {tmp_path / 'run'}",
-                 f"best checkpoint: {best}", f"sample from it: python -m lam.generate ckpt={best}", "val loss: "):
+                 f"best checkpoint: {best}", f"sample from it: python -m lam.generate ckpt={best}", "val loss: ",
+                 f"precision: {cpu_precision()}"):
         assert line in log
     terminal = done.stdout + done.stderr
     assert f"sample from it: python -m lam.generate ckpt={best}" in terminal and "tokens/s: " in terminal

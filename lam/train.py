@@ -40,6 +40,7 @@ from lam.sweep import needs_own_process, run_as_own_process
 from lam.training.checkpoint import check_resumable
 from lam.training.finetune import Start, adapt, check_architecture, context_for, parameter_counts, read_start
 from lam.training.lightning_module import LanguageModel
+from lam.training.precision import emulated_bf16
 from lam.training.run_log import log_to_the_run
 from lam.training.tracking import finish_wandb, keep_wandb_run, log_at_steps_done, log_results, log_summary, \
     write_json
@@ -174,6 +175,8 @@ def train(cfg: DictConfig) -> float | None:
         return run_as_own_process()
     log_at_steps_done(trainer)
     log.info(f"precision: {trainer.precision}")
+    if slow := emulated_bf16(trainer.precision, trainer.strategy.root_device.type):
+        log.warning(slow)
 
     try:
         for logger in trainer.loggers:  # once per run: the resolved config, the model's size and cost

@@ -72,6 +72,36 @@ def test_cpu_trainer_uses_bf16_only_where_the_cpu_has_bf16_instructions(tmp_path
     assert compose_train(["trainer.precision=32-true"], tmp_path).trainer.precision == "32-true"
 
 
+@pytest.mark.parametrize("flags, precision, device, warned", [
+    ("fpu sse2 avx2 fma", "bf16-mixed", "cpu", True),
+    ("fpu sse2 avx2 fma", "bf16-true", "cpu", True),
+    ("fpu sse2 avx2 fma", "32-true", "cpu", False),
+    ("fpu sse2 avx2 fma", "bf16-mixed", "cuda", False),
+    ("fpu avx512f avx512_bf16", "bf16-mixed", "cpu", False),
+    (None, "bf16-mixed", "cpu", False)])                  # no /proc/cpuinfo: the flags are unknown
+def test_bf16_on_a_cpu_that_emulates_it_is_named_as_slow(tmp_path, monkeypatch, flags, precision, device, warned):
+    cpuinfo = tmp_path / "cpuinfo"
+    if flags is not None:
+        cpuinfo.write_text(f"flags\t\t: {flags}\n")
+    monkeypatch.setattr(hardware, "cpu_flags", functools.partial(hardware.cpu_flags, cpuinfo))
+    why = hardware.emulated_bf16(precision, device)
+    assert (why is not None) == warned
+    if warned:
+        assert why.startswith(f"trainer.precision={precision} on a CPU without bf16 instructions")
+
+
+def test_lam_train_warns_when_it_trains_in_emulated_bf16(tmp_path, corpus, monkeypatch, caplog):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t\t: fpu avx2\n")
+    monkeypatch.setattr(hardware, "cpu_flags", functools.partial(hardware.cpu_flags, cpuinfo))
+    for precision in ("bf16-mixed", "32-true"):
+        caplog.clear()
+        train(compose_train([*TINY, "data=custom", f"data.path={corpus}", "trainer.max_steps=1",
+                             f"trainer.precision={precision}"], tmp_path / precision))
+        warned = [r.message for r in caplog.records if "bfloat16 is emulated" in r.message]
+        assert len(warned) == (precision == "bf16-mixed")
+
+
 @pytest.mark.parametrize("flags", ["fpu avx2", "fpu avx512f avx512_bf16"])
 @pytest.mark.parametrize("forced", ["32-true", "bf16-mixed"])
 def test_lam_cpu_precision_answers_as_the_other_kind_of_cpu_would(tmp_path, monkeypatch, flags, forced):

@@ -42,3 +42,14 @@ def cpu_precision() -> str:
                             "or unset it to let the CPU's flags decide")
         return forced
     return "bf16-mixed" if BF16_FLAGS & cpu_flags() else "32-true"
+
+
+def emulated_bf16(precision: str, device_type: str) -> str | None:
+    """Why `precision` will be slow on this device, or None: bfloat16 on an x86 CPU whose flags lack bf16 matrix
+    instructions is emulated (12x slower a step than 32-true on a 2-core AVX2 EPYC, 17x on another). None where
+    the flags are unknown (no /proc/cpuinfo, or not x86)."""
+    flags = cpu_flags()
+    if device_type != "cpu" or not str(precision).startswith("bf16") or not flags or BF16_FLAGS & flags:
+        return None
+    return (f"trainer.precision={precision} on a CPU without bf16 instructions (no {' or '.join(sorted(BF16_FLAGS))} "
+            "in /proc/cpuinfo): bfloat16 is emulated, about 12-17x slower a step than trainer.precision=32-true")

@@ -1,10 +1,12 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import write_corpus
+from helpers import SHORT_RUN, write_corpus
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -20,6 +22,20 @@ def isolated_caches(tmp_path_factory):
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
+
+
+@pytest.fixture(scope="session")
+def grid_sweep(tmp_path_factory, corpus) -> Path:
+    """The folder of a real grid multirun, `python -m lam.train -m attention=linear,softmax seed=1,2` on the tiny
+    model for 5 steps (4 jobs, one validation each), which the tests of sweeps and of lam.compare read."""
+    tmp = tmp_path_factory.mktemp("grid")
+    sweep = tmp / "sweep"
+    proc = subprocess.run([sys.executable, "-m", "lam.train", "-m", *SHORT_RUN, "attention=linear,softmax", "seed=1,2",
+                           "data=custom", f"data.path={corpus}", f"hydra.sweep.dir={sweep}"],
+                          cwd=tmp, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return sweep
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,8 @@ TINY_RUN = [
     "callbacks.model_summary=null", "+trainer.enable_model_summary=false",
 ]
 TINY = TINY_MODEL + TINY_RUN
+# a 5-step run of the tiny model with one validation and no samples, as the sweeps' jobs train
+SHORT_RUN = [*TINY, "trainer.max_steps=5", "trainer.val_check_interval=5", "callbacks.samples=null"]
 
 
 def write_corpus(path: Path, n_chars: int = 20_000, seed: int = 0) -> Path:

@@ -2,50 +2,36 @@
 
 import csv
 import json
-import os
-import subprocess
-import sys
+import statistics
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from helpers import TINY, column, read_metrics
+from helpers import column, read_metrics
 from lam.compare import main
 from lam.training.precision import cpu_precision
 from lam.training.runs import differing_keys, find_runs, load_run, table
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def multirun(tmp_path_factory, corpus) -> Path:
-    """Two tiny runs, linear and softmax attention, from one `python -m lam.train -m` sweep."""
-    tmp = tmp_path_factory.mktemp("compare")
-    overrides = [o for o in TINY if not o.startswith("trainer.max_steps")]
-    command = [sys.executable, "-m", "lam.train", "-m", *overrides, "data=custom", f"data.path={corpus}",
-               "trainer.max_steps=20", "attention=linear,softmax", f"hydra.sweep.dir={tmp / 'multirun'}"]
-    done = subprocess.run(command, cwd=tmp, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return tmp / "multirun"
-
-
-@pytest.mark.slow
-def test_compare_reports_each_runs_best_loss_and_writes_a_png(multirun, tmp_path, capsys):
+def test_compare_reports_each_runs_best_loss_and_writes_a_png(grid_sweep, tmp_path, capsys):
+    multirun = grid_sweep  # attention=linear,softmax seed=1,2
     runs = find_runs([str(multirun)])
-    assert runs == [multirun / "0", multirun / "1"] == find_runs([f"{multirun}/*"])
+    assert runs == [multirun / str(job) for job in range(4)] == find_runs([f"{multirun}/*"])
     png = tmp_path / "plots" / "curves.png"
     main([str(multirun), "--png", str(png)])
     out = capsys.readouterr().out
     assert "grouped by attention" in out
+    bests = {}
     for run in runs:
         best = min(v for _, v in column(read_metrics(run), "val/loss"))
         assert best == pytest.approx(json.loads((run / "metrics.json").read_text())["best_val_loss"])
         assert min(load_run(run, "val/loss").values) == best
-        assert f"{best:.4f}" in out
+        bests.setdefault(load_run(run, "val/loss").choices["attention"], []).append(best)
         # the config says ${lam.cpu_precision:}; the run's record says what that was on this machine
         assert json.loads((run / "metrics.json").read_text())["precision"] == cpu_precision()
+    assert sorted(bests) == ["linear", "softmax"]
+    for attention, (a, b) in bests.items():  # one row per attention, its two seeds' mean ± std
+        assert f"{statistics.mean([a, b]):.4f} ± {statistics.stdev([a, b]):.4f}" in out, attention
     assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 10_000
 
 

@@ -135,6 +135,8 @@ def test_cli_prints_one_line_and_exits_1(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nope.txt'} does not exist"
     assert "Traceback" not in result.stderr
+    (log,) = tmp_path.glob("outputs/*/*/train.log")  # the run folder's log says why it ended too
+    assert f"error: {tmp_path / 'nope.txt'} does not exist" in log.read_text()
     result = cli("lam.generate", "ckpt=missing.ckpt", cwd=tmp_path)
     assert result.returncode == 1 and result.stderr.strip() == "error: checkpoint missing.ckpt does not exist"
 

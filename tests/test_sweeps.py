@@ -11,11 +11,10 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import get_object
 from omegaconf import OmegaConf
 
-from helpers import TINY, compose_train
+from helpers import SHORT_RUN, compose_train
 from lam.config import config_dir
 
 SWEEP_FILE = config_dir().parent / "experiments" / "sweeps" / "lr_attention.yml"
-RUN = [*TINY, "trainer.max_steps=5", "trainer.val_check_interval=5", "callbacks.samples=null"]
 
 
 def lam_train_multirun(tmp_path, corpus, *overrides) -> tuple[subprocess.CompletedProcess, object]:
@@ -30,8 +29,9 @@ def lam_train_multirun(tmp_path, corpus, *overrides) -> tuple[subprocess.Complet
 
 
 @pytest.mark.slow
-def test_grid_multirun_gives_each_run_a_folder_and_summarises_them(tmp_path, corpus):
-    _, sweep = lam_train_multirun(tmp_path, corpus, *RUN, "attention=linear,softmax", "seed=1,2")
+def test_grid_multirun_gives_each_run_a_folder_and_summarises_them(grid_sweep):
+    sweep = grid_sweep
+    assert sorted(p.name for p in sweep.parent.iterdir()) == ["sweep"]  # nothing written outside the sweep folder
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [p.name for p in jobs] == ["0", "1", "2", "3"]
 
@@ -54,7 +54,7 @@ def test_grid_multirun_gives_each_run_a_folder_and_summarises_them(tmp_path, cor
 @pytest.mark.slow
 def test_optuna_search_returns_a_best_value(tmp_path, corpus):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    run = [o for o in RUN if not o.startswith("optim.lr=")]  # the width and depth of TINY stay fixed
+    run = [o for o in SHORT_RUN if not o.startswith("optim.lr=")]  # the width and depth of TINY stay fixed
     proc, sweep = lam_train_multirun(tmp_path, corpus, "hparams_search=optuna", "hydra.sweeper.n_trials=2",
                                      *run, "optim.lr=interval(1e-4,3e-3)")
     results = OmegaConf.load(sweep / "optimization_results.yaml")

@@ -32,6 +32,7 @@ from lam.serving.build import build
 FORMAT = "lam-model"
 VERSION = 1
 ENTRIES = ("format", "version", "config", "tokenizer", "parameters", "record", "tied", "sha256")
+TORCH_ARCHIVE = b"PK\x03\x04"  # how a torch.save file begins (a zip archive): a checkpoint, not a model file
 
 
 @dataclass
@@ -99,7 +100,7 @@ def read_metadata(data: bytes, path: Path) -> dict[str, str]:
     except (UnicodeDecodeError, json.JSONDecodeError):
         header = None
     if not isinstance(header, dict):
-        if data[:4] == b"PK\x03\x04":  # a torch.save archive
+        if data.startswith(TORCH_ARCHIVE):
             raise UserError(f"{path} is a checkpoint, not a model file: give it as ckpt={path}, or make a model "
                             f"file of it with python -m lam.export ckpt={path} out=<name>.lam")
         raise UserError(f"{path} is not a LAM model file (no safetensors header)")

@@ -9,12 +9,13 @@ import torch
 
 from lam.errors import UserError
 from lam.serving.build import check_targets
+from lam.serving.model_file import TORCH_ARCHIVE
 
 
 def is_checkpoint(path: Path) -> bool:
     """Whether the file is a torch.save zip archive (a checkpoint) rather than a model file (safetensors)."""
     with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"
+        return f.read(len(TORCH_ARCHIVE)) == TORCH_ARCHIVE
 
 
 def is_model_file(path: Path) -> bool:

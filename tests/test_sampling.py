@@ -97,15 +97,17 @@ def greedy(net, prompt, n, **options) -> list[int]:
 
 
 @pytest.mark.slow
-def test_compiled_one_token_step_decodes_the_eager_tokens():
+@pytest.mark.parametrize("attention", ["LinearAttention", "SoftmaxAttention"])
+def test_compiled_one_token_step_decodes_the_eager_tokens(attention):
     """compile=True (torch.compile of the one-token step, and of the cropped window past a learned position
     table's end) picks, greedily, the tokens of the eager path: 40 tokens from a model of block 16, so both
-    steps run. Linear attention, the default (15 s of compiling; benchmarks.decode runs every mechanism)."""
+    steps run. The recurrent state and the KV cache (15-30 s of compiling each; benchmarks.decode runs every
+    mechanism)."""
     from decoding import context_sensitive_lam
-    from lam.models.attention import LinearAttention
+    from lam.models import attention as mechanisms
     from lam.models.sampling import COMPILED
 
-    net = context_sensitive_lam(LinearAttention, "learned", block_size=16).float()
+    net = context_sensitive_lam(getattr(mechanisms, attention), "learned", block_size=16).float()
     prompt = torch.randint(50, (2, 3), generator=torch.Generator().manual_seed(0))
     eager = greedy(net, prompt, 40)
     assert greedy(net, prompt, 40, compile=True) == eager and len(set(eager)) > 5
@@ -121,7 +123,7 @@ def test_a_failing_compile_falls_back_to_eager_with_the_same_tokens(monkeypatch)
     prompt = torch.randint(50, (1, 3), generator=torch.Generator().manual_seed(0))
 
     def broken(*args):
-        raise NameError("name 's55' is not defined")  # what inductor raised here on a KV cache
+        raise NameError("name 's55' is not defined")  # what inductor once raised on a KV cache
 
     monkeypatch.setitem(sampling.COMPILED, net, broken)
     with pytest.warns(UserWarning, match="torch.compile failed on the one-token step .NameError"):

@@ -14,7 +14,9 @@ class KVCache(NamedTuple):
     """Keys and values of the tokens seen, in buffers with room for more: appending a token writes into the
     room (O(1)) instead of copying the whole cache (O(S) per token). The buffers grow by doubling. Several
     caches may share buffers, each reading its first `length` positions; `filled[0]` counts the positions
-    written, so a second continuation of one cache copies its prefix before writing (copy on write)."""
+    written, so a second continuation of one cache copies its prefix before writing (copy on write). Under
+    torch.compile that check is left out, since inductor fails on it (torch 2.13): the compiled one-token step
+    (lam.models.sampling.compiled_step) continues each cache once."""
 
     k: torch.Tensor  # (B, H, capacity, D)
     v: torch.Tensor  # (B, H, capacity, D)
@@ -36,7 +38,8 @@ class KVCache(NamedTuple):
     def append(self, k: torch.Tensor, v: torch.Tensor) -> "KVCache":
         """The cache after T more tokens' keys and values (B, H, T, D)."""
         n, T = self.length, k.shape[2]
-        if self.filled[0] != n or n + T > self.k.shape[2]:  # shared room already written, or none left
+        shared = not torch.compiler.is_compiling() and self.filled[0] != n  # its room already written
+        if shared or n + T > self.k.shape[2]:  # copy into new buffers, with room
             return KVCache.start(self.k[:, :, :n], self.v[:, :, :n], room=max(n, 2 * T, 16)).append(k, v)
         self.k[:, :, n:n + T], self.v[:, :, n:n + T] = k, v
         self.filled[0] = n + T

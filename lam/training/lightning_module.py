@@ -50,6 +50,15 @@ class LanguageModel(L.LightningModule):
         self.step_metrics_at: int | None = None
         self.logged_step_metrics: dict[str, float] = {}
 
+    def __setattr__(self, name: str, value) -> None:
+        """Lightning sets `_current_fx_name` (a hook's name, a string) before and after every hook, about 50
+        times a step; nn.Module's __setattr__, which first looks whether the value is a parameter, buffer or
+        module, made that 0.2 ms of a tiny model's step (benchmarks/RESULTS.md, Training speed)."""
+        if name == "_current_fx_name":
+            self.__dict__[name] = value
+        else:
+            super().__setattr__(name, value)
+
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.net(idx)[0]
 
@@ -98,12 +107,14 @@ class LanguageModel(L.LightningModule):
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         if scaler is not None and _optimizer_handles_unscaling(optimizer):
             scaler.unscale_(optimizer)
+        # the optimizer's parameters, those that train: a list, not self.parameters()'s walk over the modules
+        params = [p for group in optimizer.param_groups for p in group["params"]]
         if gradient_clip_algorithm == "value":
-            norm = torch.nn.utils.clip_grad_norm_(self.parameters(), math.inf)  # measures only
+            norm = torch.nn.utils.clip_grad_norm_(params, math.inf)  # measures only
             if gradient_clip_val:
-                torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
         else:  # one pass: measures and clips
-            norm = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val or math.inf)
+            norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val or math.inf)
         if self.logs_this_step():
             self.step_metrics["grad_norm"] = norm
 

@@ -11,7 +11,7 @@ tokens 2.. is the per-token time (the first includes the prompt's pass). "recomp
 each token one forward over the whole context, as nanoGPT's generate does. "default model" is the default
 config as `make train` trains it (linear attention, block 64): past 64 tokens every step recomputes the cropped
 window, since its position table ends there, or, with context_shift, restarts from the last 32 once (the cache
-carries on); tokens/s over --tokens-default tokens from a 1-token prompt.
+carries on); tokens/s over --tokens-default tokens from a 1-token prompt, the median of --repeats runs.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--contexts", nargs="+", type=int, default=CONTEXTS)
     parser.add_argument("--tokens", type=int, default=64, help="tokens generated per measurement")
     parser.add_argument("--tokens-default", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of the default model's tokens (median)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     console.print(table)
 
     default = Table(title=f"the default model (conf/: linear attention, block 64): {args.tokens_default} tokens "
-                          "from a 1-token prompt")
+                          f"from a 1-token prompt, median of {args.repeats} runs")
     for col in ("mode", "past 64 tokens", "tokens/s", "ms/token"):
         default.add_column(col, justify="left" if col in ("mode", "past 64 tokens") else "right")
     for mode, shift in (("eager", False), ("compiled", False), ("eager", True), ("compiled", True)):
@@ -101,10 +102,13 @@ def main(argv: list[str] | None = None) -> None:
         if mode == "compiled":
             for _ in stream(net, torch.zeros(1, 1, dtype=torch.long), 70, **options):
                 pass  # compiles the one-token step, and the 64-token window past the table's end
-        t = time.perf_counter()
-        for _ in stream(net, torch.zeros(1, 1, dtype=torch.long), args.tokens_default, **options):
-            pass
-        seconds = time.perf_counter() - t
+        runs = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            for _ in stream(net, torch.zeros(1, 1, dtype=torch.long), args.tokens_default, **options):
+                pass
+            runs.append(time.perf_counter() - t)
+        seconds = statistics.median(runs)
         default.add_row(mode, "context shift" if shift else "the last 64, recomputed",
                         f"{args.tokens_default / seconds:,.0f}", f"{1000 * seconds / args.tokens_default:.2f}")
     console.print(default)

@@ -99,18 +99,19 @@ def greedy(net, prompt, n, **options) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.parametrize("attention", ["LinearAttention", "SoftmaxAttention"])
 def test_compiled_one_token_step_decodes_the_eager_tokens(attention):
-    """compile=True (torch.compile of the one-token step, and of the cropped window past a learned position
-    table's end) picks, greedily, the tokens of the eager path: 40 tokens from a model of block 16, so both
-    steps run. The recurrent state and the KV cache (15-30 s of compiling each; benchmarks.decode runs every
-    mechanism)."""
+    """compile=True (torch.compile of the one-token step, of the cropped window past a learned position table's
+    end, and of the shifted context's half window) picks, greedily, the tokens of the eager path: 40 tokens
+    from a model of block 16, so every step runs. The recurrent state and the KV cache (15-30 s of compiling
+    each; benchmarks.decode runs every mechanism)."""
     from decoding import context_sensitive_lam
     from lam.models import attention as mechanisms
     from lam.models.sampling import COMPILED
 
     net = context_sensitive_lam(getattr(mechanisms, attention), "learned", block_size=16).float()
     prompt = torch.randint(50, (2, 3), generator=torch.Generator().manual_seed(0))
-    eager = greedy(net, prompt, 40)
-    assert greedy(net, prompt, 40, compile=True) == eager and len(set(eager)) > 5
+    for shift in (False, True):
+        eager = greedy(net, prompt, 40, context_shift=shift)
+        assert greedy(net, prompt, 40, compile=True, context_shift=shift) == eager and len(set(eager)) > 5
     assert COMPILED[net] is not net  # it did compile (a failure would fall back to eager)
 
 
@@ -126,7 +127,7 @@ def test_a_failing_compile_falls_back_to_eager_with_the_same_tokens(monkeypatch)
         raise NameError("name 's55' is not defined")  # what inductor once raised on a KV cache
 
     monkeypatch.setitem(sampling.COMPILED, net, broken)
-    with pytest.warns(UserWarning, match="torch.compile failed on the one-token step .NameError"):
+    with pytest.warns(UserWarning, match="torch.compile failed on a decoding step .NameError"):
         assert greedy(net, prompt, 20, compile=True) == greedy(net, prompt, 20)
     assert sampling.COMPILED[net] is net  # one failure: the model decodes eagerly from then on
 

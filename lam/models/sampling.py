@@ -4,8 +4,9 @@ With `use_cache=True` each step feeds only the newest token and the state (KV ca
 without it every step recomputes the whole context. Both give the same tokens. Models with learned positions
 (`max_context` set) see at most the last `max_context` tokens; past that each step recomputes a cropped window,
 or, with `context_shift=True`, the context restarts from its last half and the cache carries on.
-`compile=True` runs the one-token steps through torch.compile (the prompt's pass stays eager): the first call
-compiles for a few seconds, then each token costs a fraction of the eager step's kernel launches.
+`compile=True` runs the one-token steps, and the windows recomputed past `max_context`, through torch.compile
+(the prompt's pass, of any length, stays eager): the first call compiles for a few seconds, then each token
+costs a fraction of the eager step's kernel launches.
 """
 
 from __future__ import annotations
@@ -68,22 +69,24 @@ def stream(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature
     limit = getattr(model, "max_context", None)
     step = compiled_step(model) if compile and use_cache else model
     seq, state, begin = idx, None, 0  # the model sees seq[:, begin:]
-    for _ in range(max_new_tokens):
+    for i in range(max_new_tokens):
         if limit is not None and seq.shape[1] - begin > limit:  # the window outgrew the position table
             begin = context_begin(seq.shape[1], limit, context_shift, state is not None)
             if context_shift:
                 state = None
         window = seq[:, begin:]
-        if not use_cache or state is None:  # the prompt's pass, a shifted context's, or every step uncached
+        if not use_cache or i == 0:  # the prompt's pass (of any length: eager), or every step uncached
             logits, state = model(window)
         else:
-            one_token = begin == 0 or context_shift  # else past max_context: the whole window, every step
+            # one token on the state; else a shifted context's max_context/2 tokens from no state, or past
+            # max_context without context_shift the whole window, every step
+            one_token = state is not None and (begin == 0 or context_shift)
             try:
                 logits, state = step(seq[:, -1:], state) if one_token else step(window)
             except Exception as e:  # torch.compile's failures have many types; eager gives the same tokens
                 if step is model:
                     raise
-                warnings.warn(f"torch.compile failed on the one-token step ({type(e).__name__}: "
+                warnings.warn(f"torch.compile failed on a decoding step ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}); decoding eagerly", stacklevel=2)
                 step = COMPILED[model] = model
                 logits, state = model(window)  # from the tokens alone: the failed call may have left the state

@@ -33,8 +33,8 @@ from lam.config import compose_train
 from lam.train import train
 from lam.training.finetune import read_start
 
-COMMON = ["data=stan", "data.errors=replace", "trainer.precision=32-true", "threads=1", "trainer.enable_progress_bar=false",
-          "callbacks.samples.every_n_validations=0"]
+COMMON = ["data=stan", "data.errors=replace", "trainer.precision=32-true", "threads=1",
+          "trainer.enable_progress_bar=false", "callbacks.samples.every_n_validations=0"]
 VARIANTS = {
     "from scratch": [],
     "full fine-tune": ["init_from={base}"],
@@ -89,7 +89,8 @@ def main() -> None:
             for variant in VARIANTS:
                 out = Path(tmp) / f"{re.sub(r'[^a-z0-9]+', '_', variant.lower())}-s{seed}"
                 results[variant].append(run(variant, args.base.resolve(), args.steps, seed, out))
-    print(f"\n| Stan, {args.steps} steps | val loss (mean ± sd, {args.seeds} seeds) | trainable parameters | s per run |")
+    print(f"\n| Stan, {args.steps} steps | val loss (mean ± sd, {args.seeds} seeds) | trainable parameters "
+          "| s per run |")
     print("| --- | --- | --- | --- |")
     print(f"| the Shakespeare model as it is (no step on Stan) | {untrained:.3f} | 0 | |")
     for variant, rows in results.items():

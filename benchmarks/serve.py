@@ -6,10 +6,10 @@
 The model is served by `lam.serving.server.create_app` under uvicorn on a free loopback port, as
 `python -m lam.serve` serves it. Each client sends one streamed /v1/completions request (the same prompt,
 its own seed, temperature 0.8) at the same moment, from its own thread and its own new connection, and reads
-the server-sent events. TTFT is from sending the request to the first text piece; a client's tokens/s counts its pieces after the
-first over the time they took. The server generates one request at a time (a lock), so with 8 clients the
-later ones wait for the earlier: their TTFT grows, while the server's total tokens/s (all pieces over the wall
-time of the round) stays about the single client's. One warm-up request comes first.
+the server-sent events. TTFT is from sending the request to the first text piece; a client's tokens/s counts
+its pieces after the first over the time they took. The server generates one request at a time (a lock), so
+with 8 clients the later ones wait for the earlier: their TTFT grows, while the server's total tokens/s (all
+pieces over the wall time of the round) stays about the single client's. One warm-up request comes first.
 """
 
 from __future__ import annotations

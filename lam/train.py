@@ -131,10 +131,10 @@ def validate_the_end(trainer: L.Trainer, model: LanguageModel, datamodule) -> No
         trainer.save_checkpoint(checkpoint.last_model_path, weights_only=checkpoint.save_weights_only)
 
 
-def start_from(cfg: DictConfig, overrides: Sequence[str]) -> Start:
+def start_from(cfg: DictConfig, overrides: dict[str, str]) -> Start:
     """init_from's model, whose architecture replaces cfg.model; a UserError if the command line's `overrides`
-    ask for another. With ckpt_path= too (the fine-tune's own command, resumed), the checkpoint's weights,
-    optimizer and step then replace the file's."""
+    (each with the config key it sets) ask for another. With ckpt_path= too (the fine-tune's own command,
+    resumed), the checkpoint's weights, optimizer and step then replace the file's."""
     start = read_start(cfg.init_from)
     check_architecture(start, OmegaConf.to_container(cfg.model, resolve=True), overrides)
     with open_dict(cfg):
@@ -147,13 +147,13 @@ def train(cfg: DictConfig) -> float | None:
     check_values(cfg)
     set_threads(cfg.get("threads"))
     L.seed_everything(cfg.seed, workers=True)
-    overrides = HydraConfig.get().overrides.task if cfg.get("init_from") else []
-    start = start_from(cfg, overrides) if cfg.get("init_from") else None
+    fine_tune = bool(cfg.get("init_from"))
+    overrides = {o: override_key(o) for o in HydraConfig.get().overrides.task} if fine_tune else {}
+    start = start_from(cfg, overrides) if fine_tune else None
     datamodule = instantiate(cfg.data, **({"tokenizer": start.tokenizer} if start else {}))
     net = build_net(cfg.model, datamodule.vocab_size)
     if start:
-        given = [override_key(o) for o in overrides]
-        block_size = context_for(start, net, datamodule.block_size, "data.block_size" in given)
+        block_size = context_for(start, net, datamodule.block_size, "data.block_size" in overrides.values())
         if block_size != datamodule.block_size:  # the windows the file's learned positions reach
             log.info(f"data.block_size={block_size}: as far as the positions of init_from={cfg.init_from} reach")
             with open_dict(cfg):

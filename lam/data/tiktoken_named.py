@@ -30,7 +30,8 @@ CONNECT_TIMEOUT_S = 5.0  # for the reachability probe and for the connection of 
 READ_TIMEOUT_S = 60.0  # longest wait for the next bytes of a download
 
 BLOB = "https://openaipublic.blob.core.windows.net"
-FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, ENDOFPROMPT = "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|endofprompt|>"
+FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"
+ENDOFPROMPT = "<|endofprompt|>"
 # the pre-tokenisation patterns of tiktoken_ext.openai_public
 R50K_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 CL100K_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|"""

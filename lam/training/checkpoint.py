@@ -19,9 +19,11 @@ def is_checkpoint(path: Path) -> bool:
 
 
 def is_model_file(path: Path) -> bool:
-    """Whether the file begins as a safetensors file (a model file): 8 bytes of header length, then JSON."""
+    """Whether the file begins as a safetensors file (a model file): 8 bytes of header length, then JSON, and
+    not as a checkpoint's zip archive."""
     with open(path, "rb") as f:
-        return f.read(9)[8:9] == b"{"
+        head = f.read(9)
+    return not head.startswith(TORCH_ARCHIVE) and head[8:9] == b"{"
 
 
 def read_checkpoint(path: str | Path, device: str = "cpu") -> dict:
@@ -35,7 +37,7 @@ def read_checkpoint(path: str | Path, device: str = "cpu") -> dict:
                                                               "it holds no .ckpt file"))
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
-    if is_model_file(path) and not is_checkpoint(path):
+    if is_model_file(path):
         raise UserError(f"{path} is a model file, not a checkpoint: lam.generate, lam.eval and lam.chat take it as "
                         f"model={path}, lam.train as init_from={path}")
     try:  # memory-mapped: tensors are read when used, so a check that reads shapes only reads little

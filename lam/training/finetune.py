@@ -50,32 +50,32 @@ def read_start(path: str | Path) -> Start:
     return Start(path, lam["config"]["model"], load_tokenizer(lam["tokenizer"]), merge_lora_weights(weights))
 
 
-def override_keys(overrides: list[str]) -> list[tuple[str, str]]:
-    """(override, key under model) for each command-line override that sets the model: `model=...` is the
-    whole model (""), `model.n_layer=2` its n_layer, `attention=...` or `attention.x=...` its attention."""
-    found = []
-    for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if key == "model":
-            found.append((override, ""))
-        elif key.startswith("model."):
-            found.append((override, key.removeprefix("model.")))
-        elif key == "attention" or key.startswith("attention."):
-            found.append((override, key))
-    return found
+def model_key(key: str) -> str | None:
+    """What a config key set on the command line sets of the model: "" for `model` (the whole model), `n_layer`
+    for `model.n_layer`, `attention` or `attention.x` for the attention group; None for a key outside it."""
+    if key == "model":
+        return ""
+    if key.startswith("model."):
+        return key.removeprefix("model.")
+    if key == "attention" or key.startswith("attention."):
+        return key
+    return None
 
 
-def check_architecture(start: Start, model: dict, overrides: list[str]) -> None:
+def check_architecture(start: Start, model: dict, overrides: dict[str, str]) -> None:
     """A UserError if an override asks for a model other than the file's: the architecture comes from it.
-    `model` is the run's resolved model config; its block_size follows the data unless set, so a whole-model
-    override is not held to it."""
+    `model` is the run's resolved model config; `overrides` maps each command-line override to the config key
+    it sets. The model's block_size follows the data unless set, so a whole-model override is not held to it."""
     ours, theirs = flatten(model), flatten(start.model)
     differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
-    for override, prefix in override_keys(overrides):
-        for key in differ:
-            if (not prefix and key != "block_size") or key == prefix or key.startswith(f"{prefix}."):
+    for override, key in overrides.items():
+        prefix = model_key(key)
+        if prefix is None:
+            continue
+        for name in differ:
+            if (not prefix and name != "block_size") or name == prefix or name.startswith(f"{prefix}."):
                 raise UserError(f"{override} is refused: init_from={start.path} fixes the architecture "
-                                f"(model.{key} is {theirs.get(key)!r} there); drop the override")
+                                f"(model.{name} is {theirs.get(name)!r} there); drop the override")
 
 
 def context_for(start: Start, net: nn.Module, block_size: int, set_on_command_line: bool) -> int:

@@ -40,7 +40,7 @@ from lam.sweep import needs_own_process, run_as_own_process
 from lam.training.checkpoint import check_resumable
 from lam.training.finetune import Start, adapt, check_architecture, context_for, parameter_counts, read_start
 from lam.training.lightning_module import LanguageModel
-from lam.training.precision import emulated_bf16
+from lam.training.precision import AUTO, cpu_precision, emulated_bf16, measured_precision
 from lam.training.run_log import log_to_the_run
 from lam.training.tracking import finish_wandb, keep_wandb_run, log_at_steps_done, log_results, log_summary, \
     write_json
@@ -85,6 +85,9 @@ def check_values(cfg: DictConfig) -> None:
         if value is not None and not allowed(value):
             raise UserError(f"{key}={value} {rule}")
     accelerator = cfg.trainer.get("accelerator")
+    if cfg.trainer.get("precision") == AUTO and accelerator != "cpu":
+        raise UserError(f"trainer.precision=auto is measured on the CPU (trainer=cpu), not with "
+                        f"trainer.accelerator={accelerator}: name a precision, e.g. trainer.precision=bf16-mixed")
     if accelerator in ("gpu", "cuda", "mps"):
         check_device("mps" if accelerator == "mps" else "cuda", f"trainer.accelerator={accelerator}", "trainer=cpu")
 
@@ -98,6 +101,19 @@ def build_net(model: DictConfig, vocab_size: int) -> torch.nn.Module:
         if isinstance(e.__cause__, ValueError):
             raise UserError(f"model: {e.__cause__}") from None
         raise
+
+
+def choose_precision(cfg: DictConfig, net: torch.nn.Module, datamodule) -> None:
+    """Replace trainer.precision=auto by what measured_precision picks for this model; the run's config,
+    checkpoints and metrics then name the precision it trained at. Several processes (DDP) take the CPU's
+    choice, unmeasured, so that every rank trains alike."""
+    if cfg.trainer.get("devices", 1) == 1 and cfg.trainer.get("num_nodes", 1) == 1:
+        precision, why = measured_precision(net, datamodule.batch_size, datamodule.block_size, datamodule.vocab_size)
+    else:
+        precision, why = cpu_precision(), "several processes: the CPU's flags decide"
+    log.info(f"trainer.precision=auto: {precision} ({why})")
+    with open_dict(cfg):
+        cfg.trainer.precision = precision
 
 
 def instantiate_all(group: DictConfig | None) -> list:
@@ -165,6 +181,8 @@ def train(cfg: DictConfig) -> float | None:
             "flops_per_token": flops_per_token(net, datamodule.block_size)}
     log.info(f"parameters: {size['params']:,}" + (f", of which {size['trainable_params']:,} train (LoRA adapters "
                                                   f"on {len(adapted)} layers)" if adapted else ""))
+    if cfg.trainer.get("precision") == AUTO:
+        choose_precision(cfg, net, datamodule)
     config = OmegaConf.to_container(cfg, resolve=True)
     model = LanguageModel(net, optimizer=instantiate(cfg.optim), scheduler=instantiate(cfg.scheduler),
                           compile=cfg.compile, config=config)
@@ -196,7 +214,7 @@ def train(cfg: DictConfig) -> float | None:
             "best_val_loss": float(checkpoint.best_model_score) if checkpoint and checkpoint.best_model_score
             is not None else None,
             "steps": trainer.global_step,
-            "precision": trainer.precision,  # the config may only say ${lam.cpu_precision:}: the CPU's choice
+            "precision": trainer.precision,  # older configs say ${lam.cpu_precision:}: the CPU's choice
             "tokens_seen": tokens,
             **size,
             "wall_s": round(wall_s, 2),

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from helpers import SHORT_RUN, write_corpus
+from lam.training.precision import cpu_precision
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -17,6 +18,9 @@ def isolated_caches(tmp_path_factory):
     os.environ["WANDB_MODE"] = "offline"
     os.environ["WANDB_DIR"] = str(tmp_path_factory.mktemp("wandb"))
     os.environ.setdefault("WANDB_SILENT", "true")
+    # trainer.precision=auto would measure each tiny model's speed: the tests train at this CPU kind's precision
+    # instead, or at the other kind's where .ci/run sets LAM_CPU_PRECISION (tests/precisions.py)
+    os.environ.setdefault("LAM_CPU_PRECISION", cpu_precision())
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,9 @@
 """The precisions the tests train in, as overrides, and the rounding of each, from which tolerances are derived.
 
 Exact comparisons pin `32-true`; their `bf16-mixed` twins allow what bf16's rounding can explain. A precision a
-test does not pin is the CPU trainer's default, `${lam.cpu_precision:}`, which LAM_CPU_PRECISION forces to the
-other CPU kind's (.ci/run runs the tests marked `precision` both ways).
+test does not pin is the CPU trainer's default, `auto`, which under the tests is this CPU kind's
+(`${lam.cpu_precision:}`, tests/conftest.py), or the other CPU kind's where LAM_CPU_PRECISION says so (.ci/run
+runs the tests marked `precision` both ways).
 """
 
 # Lightning turns trainer.precision=16-mixed into bf16-mixed on a CPU; its plugin, given directly, runs float16

@@ -2,6 +2,8 @@
 fused AdamW, the thread count, and the Throughput callback that measures them. Tiny models, one thread."""
 
 import functools
+import json
+import logging
 import time
 
 import lightning as L
@@ -15,7 +17,8 @@ from lam.config import user_error
 from lam.training import precision as hardware
 from lam.models import LAM
 from lam.models.attention import LinearAttention, SoftmaxAttention
-from lam.train import train
+from lam.errors import UserError
+from lam.train import check_values, train
 from precisions import curves_agree
 
 BATCH, BLOCK, STEPS, WINDOW = 4, 32, 20, 5
@@ -68,7 +71,8 @@ def test_cpu_trainer_uses_bf16_only_where_the_cpu_has_bf16_instructions(tmp_path
         cpuinfo.write_text(f"processor\t: 0\nmodel name\t: x86\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
     monkeypatch.setattr(hardware, "cpu_flags", functools.partial(hardware.cpu_flags, cpuinfo))
     assert hardware.cpu_precision() == precision
-    assert compose_train([], tmp_path).trainer.precision == precision  # the default trainer resolves to it
+    assert compose_train([], tmp_path).trainer.precision == "auto"  # measured_precision starts from it
+    assert compose_train(["trainer.precision=${lam.cpu_precision:}"], tmp_path).trainer.precision == precision
     assert compose_train(["trainer.precision=32-true"], tmp_path).trainer.precision == "32-true"
 
 
@@ -110,12 +114,88 @@ def test_lam_cpu_precision_answers_as_the_other_kind_of_cpu_would(tmp_path, monk
     cpuinfo.write_text(f"flags\t\t: {flags}\n")
     monkeypatch.setattr(hardware, "cpu_flags", functools.partial(hardware.cpu_flags, cpuinfo))
     monkeypatch.setenv("LAM_CPU_PRECISION", forced)
-    assert compose_train([], tmp_path).trainer.precision == forced
+    monkeypatch.setattr(hardware, "step_ms", no_measuring)
+    assert compose_train(["trainer.precision=${lam.cpu_precision:}"], tmp_path).trainer.precision == forced
+    assert hardware.measured_precision(tiny_net(), 2, 8, 17)[0] == forced  # trainer.precision=auto
     monkeypatch.setenv("LAM_CPU_PRECISION", "16-mixed")
     with pytest.raises(Exception) as raised:  # OmegaConf wraps it; the entry points print it as one line
-        compose_train([], tmp_path).trainer.precision
+        compose_train(["trainer.precision=${lam.cpu_precision:}"], tmp_path).trainer.precision
     assert str(user_error(raised.value)).startswith("LAM_CPU_PRECISION=16-mixed is not a CPU precision: use "
                                                     "bf16-mixed or 32-true")
+
+
+def no_measuring(*args, **kwargs):
+    raise AssertionError("measured a step where the precision was known without it")
+
+
+@pytest.fixture
+def bf16_cpu(tmp_path, monkeypatch):
+    """A CPU with bf16 instructions, nothing forcing its precision, and an empty measurements file."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t\t: fpu avx512f avx512_bf16\n")
+    monkeypatch.setattr(hardware, "cpu_flags", functools.partial(hardware.cpu_flags, cpuinfo))
+    monkeypatch.delenv("LAM_CPU_PRECISION", raising=False)
+    monkeypatch.setenv("LAM_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def test_auto_precision_is_fp32_unmeasured_where_bf16_would_be_emulated(bf16_cpu, tmp_path, monkeypatch):
+    (tmp_path / "cpuinfo").write_text("flags\t\t: fpu sse2 avx2 fma\n")
+    monkeypatch.setattr(hardware, "step_ms", no_measuring)
+    assert hardware.measured_precision(tiny_net(), 2, 8, 17) == ("32-true", "no bf16 instructions")
+    assert not hardware.measurements_file().exists()
+
+
+@pytest.mark.parametrize("fp32_ms, bf16_ms, chosen", [
+    (10.0, 8.0, "bf16-mixed"),   # 1.25x faster
+    (10.0, 9.5, "32-true"),      # 1.05x: a near tie keeps the exact precision
+    (10.0, 30.0, "32-true")])
+def test_auto_precision_takes_the_measured_faster_and_remembers_it(bf16_cpu, monkeypatch, fp32_ms, bf16_ms, chosen):
+    """Measured once per model and machine: the same config trains alike on the same machine."""
+    measured = []
+
+    def step_ms(net, tokens, precision):
+        measured.append((type(net.blocks[0].attn), tuple(tokens.shape), precision))
+        return {"32-true": fp32_ms, "bf16-mixed": bf16_ms}[precision]
+
+    monkeypatch.setattr(hardware, "step_ms", step_ms)
+    assert hardware.measured_precision(tiny_net(), 2, 8, 17)[0] == chosen
+    assert sorted(measured) == [(SoftmaxAttention, (2, 8), "32-true"), (SoftmaxAttention, (2, 8), "bf16-mixed")]
+    assert hardware.measured_precision(tiny_net(seed=1), 2, 8, 17)[0] == chosen and len(measured) == 2
+    hardware.measured_precision(tiny_net(LinearAttention), 2, 8, 17)  # another model: measured anew
+    hardware.measured_precision(tiny_net(), 4, 8, 17)                 # another batch shape too
+    assert len(measured) == 6 and len(json.loads(hardware.measurements_file().read_text())) == 3
+
+
+def test_auto_precision_measures_a_copy_and_leaves_the_run_untouched(bf16_cpu):
+    """The trial steps run on a copy, with the run's random stream put back: seeded runs stay the same."""
+    net = LAM(vocab_size=17, attention=SoftmaxAttention, n_layer=1, n_head=2, n_embd=16, block_size=16, dropout=0.1)
+    weights = {k: v.clone() for k, v in net.state_dict().items()}
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    precision, why = hardware.measured_precision(net, 2, 8, 17)
+    assert torch.equal(torch.rand(3), expected)
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in weights.items())
+    assert all(p.grad is None for p in net.parameters())
+    times = next(iter(json.loads(hardware.measurements_file().read_text()).values()))
+    assert sorted(times) == sorted(hardware.CPU_PRECISIONS) and all(ms > 0 for ms in times.values())
+    assert precision == hardware.faster(times) and "ms a step (measured" in why
+
+
+def test_lam_train_records_the_precision_auto_chose(bf16_cpu, tmp_path, corpus, monkeypatch, caplog):
+    monkeypatch.setattr(hardware, "step_ms", lambda net, tokens, precision: 1.0 if precision == "bf16-mixed" else 2.0)
+    run = tmp_path / "run"
+    caplog.set_level(logging.INFO)
+    train(compose_train([*TINY, "data=custom", f"data.path={corpus}", "trainer.max_steps=2"], run))
+    assert any(r.message.startswith("trainer.precision=auto: bf16-mixed (") for r in caplog.records)
+    assert json.loads((run / "metrics.json").read_text())["precision"] == "bf16-mixed"
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["lam"]["config"]["trainer"]["precision"] == "bf16-mixed"
+
+
+def test_auto_precision_is_refused_off_the_cpu(tmp_path):
+    with pytest.raises(UserError, match=r"^trainer.precision=auto is measured on the CPU \(trainer=cpu\)"):
+        check_values(compose_train(["trainer=gpu", "trainer.precision=auto"], tmp_path))
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])

@@ -1,4 +1,5 @@
-"""What the machine does fast: bf16 autocast on a CPU only where it multiplies bfloat16 in hardware.
+"""What the machine does fast: bf16 autocast on a CPU only where it multiplies bfloat16 in hardware, and there
+only for a model whose step it makes faster, as measured.
 
 `LAM_CPU_PRECISION` (bf16-mixed or 32-true) makes the answer what the other kind of CPU would give: the tests run
 the precision-sensitive part of the suite both ways on one machine (.ci/run).
@@ -6,9 +7,19 @@ the precision-sensitive part of the suite both ways on one machine (.ci/run).
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 import os
+import platform
+import statistics
+import time
 from pathlib import Path
 
+import torch
+from torch import nn
+
+from lam.data.paths import default_cache_dir
 from lam.errors import UserError
 
 # x86 instruction sets that multiply bfloat16 matrices natively (Intel Cooper Lake / Sapphire Rapids on,
@@ -53,3 +64,63 @@ def emulated_bf16(precision: str, device_type: str) -> str | None:
         return None
     return (f"trainer.precision={precision} on a CPU without bf16 instructions (no {' or '.join(sorted(BF16_FLAGS))} "
             "in /proc/cpuinfo): bfloat16 is emulated, about 12-17x slower a step than trainer.precision=32-true")
+
+
+AUTO = "auto"  # trainer.precision=auto (conf/trainer/cpu.yaml): measured_precision decides
+SPEEDUP = 1.1  # bf16-mixed only where its step is at least this much faster: a near tie keeps exact fp32
+
+
+def step_ms(net: nn.Module, tokens: torch.Tensor, precision: str, steps: int = 5) -> float:
+    """The median ms of a forward and backward pass of `net` over `tokens` at `precision` (after one more)."""
+    times = []
+    for _ in range(steps + 1):
+        began = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            logits = net(tokens)[0]
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten()).backward()
+        times.append(1000 * (time.perf_counter() - began))
+    net.zero_grad(set_to_none=True)
+    return statistics.median(times[1:])
+
+
+def faster(times: dict[str, float]) -> str:
+    """The precision to train at, given each one's ms a step: bf16-mixed where it is SPEEDUP times faster."""
+    return "bf16-mixed" if times["32-true"] >= SPEEDUP * times["bf16-mixed"] else "32-true"
+
+
+def measurements_file() -> Path:
+    return default_cache_dir() / "precision.json"
+
+
+def measurement_key(net: nn.Module, tokens: torch.Tensor) -> str:
+    """What a measurement holds for: this CPU, torch and its thread count, the model's modules and sizes (its
+    repr), and the batch's shape."""
+    what = [platform.processor() or platform.machine(), sorted(cpu_flags() & BF16_FLAGS), torch.__version__,
+            torch.get_num_threads(), repr(net), list(tokens.shape)]
+    return hashlib.sha256(json.dumps(what, default=str).encode()).hexdigest()[:16]
+
+
+def measured_precision(net: nn.Module, batch_size: int, block_size: int, vocab_size: int) -> tuple[str, str]:
+    """trainer.precision=auto on a CPU, one process: (the precision, why). 32-true where bf16 would be emulated
+    (cpu_precision); else the faster of the two for a copy of this model on a batch of this shape, measured
+    once per model and machine and kept in $LAM_CACHE_DIR/precision.json, so that the same config trains the
+    same way on the same machine (delete the file to measure again)."""
+    candidate = cpu_precision()
+    if os.environ.get("LAM_CPU_PRECISION") or candidate == "32-true":
+        return candidate, "LAM_CPU_PRECISION" if os.environ.get("LAM_CPU_PRECISION") else "no bf16 instructions"
+    tokens = torch.randint(vocab_size, (batch_size, block_size), generator=torch.Generator().manual_seed(0))
+    path, key = measurements_file(), measurement_key(net, tokens)
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        with torch.random.fork_rng():  # dropout draws here must not move the run's random stream
+            trial = copy.deepcopy(net).train()
+            known[key] = {p: round(step_ms(trial, tokens, p), 3) for p in CPU_PRECISIONS}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps(known, indent=1))
+        partial.replace(path)
+    times = known[key]
+    return faster(times), ", ".join(f"{p} {ms:.1f} ms a step" for p, ms in times.items()) + f" (measured, {path})"

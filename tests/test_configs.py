@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from helpers import compose_train
 from lam.training.runs import flatten
 from lam.config import config_dir
+from lam.training.precision import AUTO, cpu_precision
 
 CONF = config_dir()
 ROOT = CONF.parent
@@ -71,7 +72,11 @@ def test_every_group_yaml_composes_and_its_targets_exist(group, choice, tmp_path
 
 
 def test_cpu_trainer_callbacks_and_loggers_build(tmp_path):
+    """The default trainer builds once lam.train has replaced precision=auto (which Lightning does not know) by
+    a precision; unmeasured, that is the CPU's."""
     cfg = compose_train([], tmp_path)
+    assert cfg.trainer.precision == AUTO
+    cfg.trainer.precision = cpu_precision()
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)

@@ -6,12 +6,14 @@ context, against a nanoGPT-style loop that recomputes the whole context for ever
 
 Models: the default sizes (4 layers, 4 heads, 128 wide, vocabulary 65), random weights (speed does not depend
 on them), learned positions with a table long enough for the longest context. Per context L: a random prompt
-of L tokens, then `--tokens` greedy tokens through lam.models.sampling.stream; the median time between
-tokens 2.. is the per-token time (the first includes the prompt's pass). "recompute" is stream(use_cache=False):
+of L tokens, then `--tokens` greedy tokens through lam.models.sampling.stream, the contexts taking turns in
+8 rounds (a drift in the machine's speed then reaches every L alike); the median time of tokens 2.. is the
+per-token time (the first includes the prompt's pass). "recompute" is stream(use_cache=False):
 each token one forward over the whole context, as nanoGPT's generate does. "default model" is the default
 config as `make train` trains it (linear attention, block 64): past 64 tokens every step recomputes the cropped
 window, since its position table ends there, or, with context_shift, restarts from the last 32 once (the cache
-carries on); tokens/s over --tokens-default tokens from a 1-token prompt, the median of --repeats runs.
+carries on); tokens/s over --tokens-default tokens from a 1-token prompt, the median of --repeats runs, the
+four variants taking turns.
 """
 
 from __future__ import annotations
@@ -39,11 +41,24 @@ def build(name: str, block_size: int) -> LAM:
     return LAM(vocab_size=65, attention=attention, block_size=block_size).eval()
 
 
-def per_token_ms(net: LAM, context: int, tokens: int, **options) -> float:
-    """The median ms between generated tokens after the first (which includes the prompt's pass)."""
-    prompt = torch.randint(65, (1, context), generator=torch.Generator().manual_seed(1))
-    times = [time.perf_counter() for _ in stream(net, prompt, tokens, temperature=0, **options)]
-    return 1000 * statistics.median(b - a for a, b in zip(times, times[1:]))
+def per_token_ms(net: LAM, contexts: list[int], tokens: int, rounds: int = 8, **options) -> list[float]:
+    """Per context L, the median ms between the `tokens` - 1 generated tokens after the first (which includes
+    the prompt's pass). The contexts take turns, a few tokens each per round, so that a drift in the machine's
+    speed reaches every L alike."""
+    streams = []
+    for L in contexts:
+        prompt = torch.randint(65, (1, L), generator=torch.Generator().manual_seed(1))
+        streams.append(stream(net, prompt, tokens, temperature=0, **options))
+        next(streams[-1])  # the prompt's pass
+    gaps: list[list[float]] = [[] for _ in contexts]
+    per_turn = -(-(tokens - 1) // rounds)
+    while len(gaps[0]) < tokens - 1:
+        for steps, gaps_of_l in zip(streams, gaps):
+            for _ in range(min(per_turn, tokens - 1 - len(gaps_of_l))):
+                start = time.perf_counter()
+                next(steps)
+                gaps_of_l.append(time.perf_counter() - start)
+    return [1000 * statistics.median(g) for g in gaps]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--contexts", nargs="+", type=int, default=CONTEXTS)
     parser.add_argument("--tokens", type=int, default=64, help="tokens generated per measurement")
     parser.add_argument("--tokens-default", type=int, default=500)
-    parser.add_argument("--repeats", type=int, default=3, help="runs of the default model's tokens (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="runs of the default model's tokens (median)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
@@ -74,15 +89,15 @@ def main(argv: list[str] | None = None) -> None:
             torch.compiler.reset()  # dynamo's recompile limit counts the graphs of LAM.forward over all models
             if compile:  # the first call compiles; a short warm-up keeps it out of the per-token times
                 t = time.perf_counter()
-                per_token_ms(net, 8, 4, compile=True)
+                per_token_ms(net, [8], 4, compile=True)
                 compile_s = time.perf_counter() - t
-            ms = [per_token_ms(net, L, args.tokens, compile=compile) for L in args.contexts]
+            ms = per_token_ms(net, args.contexts, args.tokens, compile=compile)
             rows[name, mode] = ms
             table.add_row(name, mode, *(f"{m:.2f}" for m in ms), f"{max(ms) / min(ms):.2f}",
                           f"{compile_s:.0f}" if compile else "")
             console.print(f"{name} {mode}: " + ", ".join(f"{m:.2f}" for m in ms), highlight=False)
     if "softmax" in args.mechanisms and 1024 in args.contexts:
-        recompute = per_token_ms(build("softmax", block), 1024, 8, use_cache=False)
+        recompute, = per_token_ms(build("softmax", block), [1024], 8, use_cache=False)
         table.add_row("softmax", "recompute", *("" if L != 1024 else f"{recompute:.2f}" for L in args.contexts),
                       "", "")
         at = args.contexts.index(1024)
@@ -95,20 +110,23 @@ def main(argv: list[str] | None = None) -> None:
                           f"from a 1-token prompt, median of {args.repeats} runs")
     for col in ("mode", "past 64 tokens", "tokens/s", "ms/token"):
         default.add_column(col, justify="left" if col in ("mode", "past 64 tokens") else "right")
+    torch.compiler.reset()
+    variants = {}  # (mode, shift) -> (its model, stream's options); each compiled variant compiles its own steps
     for mode, shift in (("eager", False), ("compiled", False), ("eager", True), ("compiled", True)):
-        net = build("linear", 64)
-        torch.compiler.reset()
-        options = dict(temperature=0, compile=mode == "compiled", context_shift=shift)
-        if mode == "compiled":
-            for _ in stream(net, torch.zeros(1, 1, dtype=torch.long), 70, **options):
-                pass  # compiles the one-token step, and the 64-token window past the table's end
-        runs = []
-        for _ in range(args.repeats):
+        variants[mode, shift] = build("linear", 64), dict(temperature=0, compile=mode == "compiled",
+                                                          context_shift=shift)
+        for _ in stream(variants[mode, shift][0], torch.zeros(1, 1, dtype=torch.long), 70,
+                        **variants[mode, shift][1]):
+            pass  # compiles the one-token step, and the window recomputed past the table's end
+    runs: dict[tuple, list[float]] = {key: [] for key in variants}
+    for _ in range(args.repeats):  # the variants take turns, as the contexts do above
+        for key, (net, options) in variants.items():
             t = time.perf_counter()
             for _ in stream(net, torch.zeros(1, 1, dtype=torch.long), args.tokens_default, **options):
                 pass
-            runs.append(time.perf_counter() - t)
-        seconds = statistics.median(runs)
+            runs[key].append(time.perf_counter() - t)
+    for (mode, shift), times in runs.items():
+        seconds = statistics.median(times)
         default.add_row(mode, "context shift" if shift else "the last 64, recomputed",
                         f"{args.tokens_default / seconds:,.0f}", f"{1000 * seconds / args.tokens_default:.2f}")
     console.print(default)

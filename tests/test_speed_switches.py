@@ -114,7 +114,7 @@ def test_lam_cpu_precision_answers_as_the_other_kind_of_cpu_would(tmp_path, monk
     cpuinfo.write_text(f"flags\t\t: {flags}\n")
     monkeypatch.setattr(hardware, "cpu_flags", functools.partial(hardware.cpu_flags, cpuinfo))
     monkeypatch.setenv("LAM_CPU_PRECISION", forced)
-    monkeypatch.setattr(hardware, "step_ms", no_measuring)
+    monkeypatch.setattr(hardware, "pass_ms", no_measuring)
     assert compose_train(["trainer.precision=${lam.cpu_precision:}"], tmp_path).trainer.precision == forced
     assert hardware.measured_precision(tiny_net(), 2, 8, 17)[0] == forced  # trainer.precision=auto
     monkeypatch.setenv("LAM_CPU_PRECISION", "16-mixed")
@@ -140,7 +140,7 @@ def bf16_cpu(tmp_path, monkeypatch):
 
 def test_auto_precision_is_fp32_unmeasured_where_bf16_would_be_emulated(bf16_cpu, tmp_path, monkeypatch):
     (tmp_path / "cpuinfo").write_text("flags\t\t: fpu sse2 avx2 fma\n")
-    monkeypatch.setattr(hardware, "step_ms", no_measuring)
+    monkeypatch.setattr(hardware, "pass_ms", no_measuring)
     assert hardware.measured_precision(tiny_net(), 2, 8, 17) == ("32-true", "no bf16 instructions")
     assert not hardware.measurements_file().exists()
 
@@ -153,17 +153,19 @@ def test_auto_precision_takes_the_measured_faster_and_remembers_it(bf16_cpu, mon
     """Measured once per model and machine: the same config trains alike on the same machine."""
     measured = []
 
-    def step_ms(net, tokens, precision):
+    def pass_ms(net, tokens, precision):
         measured.append((type(net.blocks[0].attn), tuple(tokens.shape), precision))
         return {"32-true": fp32_ms, "bf16-mixed": bf16_ms}[precision]
 
-    monkeypatch.setattr(hardware, "step_ms", step_ms)
+    monkeypatch.setattr(hardware, "pass_ms", pass_ms)
     assert hardware.measured_precision(tiny_net(), 2, 8, 17)[0] == chosen
-    assert sorted(measured) == [(SoftmaxAttention, (2, 8), "32-true"), (SoftmaxAttention, (2, 8), "bf16-mixed")]
-    assert hardware.measured_precision(tiny_net(seed=1), 2, 8, 17)[0] == chosen and len(measured) == 2
+    # the two precisions take turns, round after round (an untimed one first)
+    passes = 2 * 6
+    assert measured == [(SoftmaxAttention, (2, 8), p) for _ in range(6) for p in hardware.CPU_PRECISIONS]
+    assert hardware.measured_precision(tiny_net(seed=1), 2, 8, 17)[0] == chosen and len(measured) == passes
     hardware.measured_precision(tiny_net(LinearAttention), 2, 8, 17)  # another model: measured anew
     hardware.measured_precision(tiny_net(), 4, 8, 17)                 # another batch shape too
-    assert len(measured) == 6 and len(json.loads(hardware.measurements_file().read_text())) == 3
+    assert len(measured) == 3 * passes and len(json.loads(hardware.measurements_file().read_text())) == 3
 
 
 def test_auto_precision_measures_a_copy_and_leaves_the_run_untouched(bf16_cpu):
@@ -179,11 +181,11 @@ def test_auto_precision_measures_a_copy_and_leaves_the_run_untouched(bf16_cpu):
     assert all(p.grad is None for p in net.parameters())
     times = next(iter(json.loads(hardware.measurements_file().read_text()).values()))
     assert sorted(times) == sorted(hardware.CPU_PRECISIONS) and all(ms > 0 for ms in times.values())
-    assert precision == hardware.faster(times) and "ms a step (measured" in why
+    assert precision == hardware.faster(times) and "ms a pass (measured" in why
 
 
 def test_lam_train_records_the_precision_auto_chose(bf16_cpu, tmp_path, corpus, monkeypatch, caplog):
-    monkeypatch.setattr(hardware, "step_ms", lambda net, tokens, precision: 1.0 if precision == "bf16-mixed" else 2.0)
+    monkeypatch.setattr(hardware, "pass_ms", lambda net, tokens, precision: 1.0 if precision == "bf16-mixed" else 2.0)
     run = tmp_path / "run"
     caplog.set_level(logging.INFO)
     train(compose_train([*TINY, "data=custom", f"data.path={corpus}", "trainer.max_steps=2"], run))

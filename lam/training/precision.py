@@ -70,21 +70,30 @@ AUTO = "auto"  # trainer.precision=auto (conf/trainer/cpu.yaml): measured_precis
 SPEEDUP = 1.1  # bf16-mixed only where its step is at least this much faster: a near tie keeps exact fp32
 
 
-def step_ms(net: nn.Module, tokens: torch.Tensor, precision: str, steps: int = 5) -> float:
-    """The median ms of a forward and backward pass of `net` over `tokens` at `precision` (after one more)."""
-    times = []
-    for _ in range(steps + 1):
-        began = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-            logits = net(tokens)[0]
-        torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten()).backward()
-        times.append(1000 * (time.perf_counter() - began))
+def pass_ms(net: nn.Module, tokens: torch.Tensor, precision: str) -> float:
+    """The ms of one forward and backward pass of `net` over `tokens` at `precision`."""
+    began = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+        logits = net(tokens)[0]
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten()).backward()
+    return 1000 * (time.perf_counter() - began)
+
+
+def pass_times(net: nn.Module, tokens: torch.Tensor, rounds: int = 5) -> dict[str, float]:
+    """Each CPU precision's median ms a pass over `rounds` rounds, after an untimed one. The precisions take
+    turns within a round, so that a drift in the machine's speed reaches both alike."""
+    times: dict[str, list[float]] = {p: [] for p in CPU_PRECISIONS}
+    for turn in range(rounds + 1):
+        for precision in CPU_PRECISIONS:
+            ms = pass_ms(net, tokens, precision)
+            if turn:
+                times[precision].append(ms)
     net.zero_grad(set_to_none=True)
-    return statistics.median(times[1:])
+    return {p: statistics.median(ms) for p, ms in times.items()}
 
 
 def faster(times: dict[str, float]) -> str:
-    """The precision to train at, given each one's ms a step: bf16-mixed where it is SPEEDUP times faster."""
+    """The precision to train at, given each one's ms a pass: bf16-mixed where it is SPEEDUP times faster."""
     return "bf16-mixed" if times["32-true"] >= SPEEDUP * times["bf16-mixed"] else "32-true"
 
 
@@ -117,10 +126,10 @@ def measured_precision(net: nn.Module, batch_size: int, block_size: int, vocab_s
     if key not in known:
         with torch.random.fork_rng():  # dropout draws here must not move the run's random stream
             trial = copy.deepcopy(net).train()
-            known[key] = {p: round(step_ms(trial, tokens, p), 3) for p in CPU_PRECISIONS}
+            known[key] = {p: round(ms, 3) for p, ms in pass_times(trial, tokens).items()}
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(f".{os.getpid()}.tmp")
         partial.write_text(json.dumps(known, indent=1))
         partial.replace(path)
     times = known[key]
-    return faster(times), ", ".join(f"{p} {ms:.1f} ms a step" for p, ms in times.items()) + f" (measured, {path})"
+    return faster(times), ", ".join(f"{p} {ms:.1f} ms a pass" for p, ms in times.items()) + f" (measured, {path})"

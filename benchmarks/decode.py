@@ -1,7 +1,7 @@
 """Decoding speed at batch 1: ms per generated token, eager and with `compile=True`, from 256 to 8192 tokens of
 context, against a nanoGPT-style loop that recomputes the whole context for every token.
 
-    python -m benchmarks.decode              # every mechanism, contexts 256, 1024, 8192 (about 6 min)
+    python -m benchmarks.decode              # every mechanism, contexts 256, 1024, 8192 (2-6 min on 2 cores)
     python -m benchmarks.decode --quick      # softmax and linear, 256 and 1024
 
 Models: the default sizes (4 layers, 4 heads, 128 wide, vocabulary 65), random weights (speed does not depend

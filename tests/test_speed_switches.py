@@ -168,6 +168,14 @@ def test_auto_precision_takes_the_measured_faster_and_remembers_it(bf16_cpu, mon
     assert len(measured) == 3 * passes and len(json.loads(hardware.measurements_file().read_text())) == 3
 
 
+def test_auto_precision_keeps_its_measurements_in_the_cache_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAM_CACHE_DIR", str(tmp_path / "cache"))
+    assert hardware.measurements_file() == tmp_path / "cache" / "precision.json"
+    monkeypatch.delenv("LAM_CACHE_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert hardware.measurements_file() == tmp_path / ".cache" / "lam" / "precision.json"
+
+
 def test_auto_precision_measures_a_copy_and_leaves_the_run_untouched(bf16_cpu):
     """The trial steps run on a copy, with the run's random stream put back: seeded runs stay the same."""
     net = LAM(vocab_size=17, attention=SoftmaxAttention, n_layer=1, n_head=2, n_embd=16, block_size=16, dropout=0.1)

@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lam.data.paths import default_cache_dir
 from lam.errors import UserError
 
 # x86 instruction sets that multiply bfloat16 matrices natively (Intel Cooper Lake / Sapphire Rapids on,
@@ -98,7 +97,9 @@ def faster(times: dict[str, float]) -> str:
 
 
 def measurements_file() -> Path:
-    return default_cache_dir() / "precision.json"
+    """$LAM_CACHE_DIR/precision.json, else ~/.cache/lam/precision.json (beside the token caches' folder)."""
+    folder = os.environ.get("LAM_CACHE_DIR") or Path.home() / ".cache" / "lam"
+    return Path(folder).expanduser() / "precision.json"
 
 
 def measurement_key(net: nn.Module, tokens: torch.Tensor) -> str:

@@ -197,7 +197,9 @@ def test_lam_train_records_the_precision_auto_chose(bf16_cpu, tmp_path, corpus, 
     run = tmp_path / "run"
     caplog.set_level(logging.INFO)
     train(compose_train([*TINY, "data=custom", f"data.path={corpus}", "trainer.max_steps=2"], run))
-    assert any(r.message.startswith("trainer.precision=auto: bf16-mixed (") for r in caplog.records)
+    messages = [r.message for r in caplog.records]
+    assert any(m.startswith("trainer.precision=auto: timing bf16-mixed against 32-true") for m in messages)
+    assert any(m.startswith("trainer.precision=auto: bf16-mixed (") for m in messages)
     assert json.loads((run / "metrics.json").read_text())["precision"] == "bf16-mixed"
     saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["lam"]["config"]["trainer"]["precision"] == "bf16-mixed"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
 import platform
 import statistics
@@ -20,6 +21,8 @@ import torch
 from torch import nn
 
 from lam.errors import UserError
+
+log = logging.getLogger(__name__)
 
 # x86 instruction sets that multiply bfloat16 matrices natively (Intel Cooper Lake / Sapphire Rapids on,
 # AMD Zen 4 on); without them bf16 is emulated: 17x slower per training step on an AVX2 CPU
@@ -125,6 +128,8 @@ def measured_precision(net: nn.Module, batch_size: int, block_size: int, vocab_s
     except (OSError, ValueError):
         known = {}
     if key not in known:
+        log.info("trainer.precision=auto: timing bf16-mixed against 32-true on a copy of the model (once per model "
+                 "and machine)")
         with torch.random.fork_rng():  # dropout draws here must not move the run's random stream
             trial = copy.deepcopy(net).train()
             known[key] = {p: round(ms, 3) for p, ms in pass_times(trial, tokens).items()}

@@ -40,7 +40,7 @@ from lam.sweep import needs_own_process, run_as_own_process
 from lam.training.checkpoint import check_resumable
 from lam.training.finetune import Start, adapt, check_architecture, context_for, parameter_counts, read_start
 from lam.training.lightning_module import LanguageModel
-from lam.training.precision import AUTO, cpu_precision, emulated_bf16, measured_precision
+from lam.training.precision import AUTO, PRECISIONS, cpu_precision, emulated_bf16, measured_precision
 from lam.training.run_log import log_to_the_run
 from lam.training.tracking import finish_wandb, keep_wandb_run, log_at_steps_done, log_results, log_summary, \
     write_json
@@ -73,6 +73,8 @@ VALUE_CHECKS = [
     ("scheduler.warmup_steps", lambda v: is_positive_int(v) or v == 0, "must be an integer >= 0"),
     ("scheduler.min_lr_ratio", lambda v: is_number(v) and 0 <= v <= 1, "must be between 0 and 1 (of optim.lr)"),
     ("trainer.gradient_clip_val", lambda v: is_number(v) and v >= 0, "must be >= 0, or null for no clipping"),
+    ("trainer.precision", lambda v: str(v) in PRECISIONS, "must be auto (the CPU trainer's default), 32-true, "
+     "bf16-mixed, 16-mixed (GPUs), bf16-true, 16-true or 64-true"),
     ("optim.betas", lambda v: isinstance(v, Sequence) and len(v) == 2 and all(is_number(b) and 0 <= b < 1 for b in v),
      "must be two numbers in [0, 1), e.g. [0.9,0.99]"),
 ]

@@ -13,7 +13,7 @@ from helpers import TINY, compose_train
 from lam.errors import UserError
 from lam.export import export
 from lam.generate import load_checkpoint, load_model
-from lam.train import train
+from lam.train import check_values, train
 
 
 def train_on(path, tmp_path, *overrides):
@@ -192,6 +192,8 @@ def test_resuming_another_attention_or_depth_names_the_differing_keys(tmp_path, 
     ("optim.betas=[0.9]", "optim.betas=[0.9] must be two numbers in [0, 1)"),
     ("optim.betas=0.9", "optim.betas=0.9 must be two numbers in [0, 1)"),
     ("optim.betas=[0.9,1.0]", "optim.betas=[0.9, 1.0] must be two numbers in [0, 1)"),
+    ("trainer.precision=bogus", "trainer.precision=bogus must be auto (the CPU trainer's default), 32-true, "),
+    ("trainer.precision=8", "trainer.precision=8 must be auto"),
     # what the model's constructors refuse
     ("model.n_head=3", "model: n_head must be >= 1 and divide d_model=32, got n_head=3"),
     ("model.n_head=0", "model: n_head must be >= 1 and divide d_model=32, got n_head=0"),
@@ -206,6 +208,11 @@ def test_values_that_cannot_work_are_refused_by_key(tmp_path, corpus, override, 
     with pytest.raises(UserError, match=f"^{re.escape(message)}"):
         train_on(corpus, tmp_path, *override.split())
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("precision", ["auto", "32-true", "32", "bf16-mixed", "bf16", "16-mixed", "64-true"])
+def test_precisions_lightning_takes_pass_the_value_checks(tmp_path, precision):
+    check_values(compose_train([f"trainer.precision={precision}"], tmp_path))
 
 
 def test_cli_bad_value_is_one_line(tmp_path, corpus):

@@ -69,6 +69,9 @@ def emulated_bf16(precision: str, device_type: str) -> str | None:
 
 
 AUTO = "auto"  # trainer.precision=auto (conf/trainer/cpu.yaml): measured_precision decides
+# what trainer.precision accepts: auto and Lightning's precisions (its short forms 16, 32, 64 and bf16 too)
+PRECISIONS = (AUTO, "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine",
+              "transformer-engine-float16", "16", "32", "64", "bf16")
 SPEEDUP = 1.1  # bf16-mixed only where its step is at least this much faster: a near tie keeps exact fp32
 
 

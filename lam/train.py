@@ -29,6 +29,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -73,6 +74,8 @@ VALUE_CHECKS = [
     ("scheduler.warmup_steps", lambda v: is_positive_int(v) or v == 0, "must be an integer >= 0"),
     ("scheduler.min_lr_ratio", lambda v: is_number(v) and 0 <= v <= 1, "must be between 0 and 1 (of optim.lr)"),
     ("trainer.gradient_clip_val", lambda v: is_number(v) and v >= 0, "must be >= 0, or null for no clipping"),
+    ("trainer.accelerator", lambda v: v in ("cpu", "gpu", "cuda", "mps", "tpu", "auto"), "must be cpu, gpu, cuda, "
+     "mps, tpu or auto"),
     ("trainer.precision", lambda v: str(v) in PRECISIONS, "must be auto (the CPU trainer's default), 32-true, "
      "bf16-mixed, 16-mixed (GPUs), bf16-true, 16-true or 64-true"),
     ("optim.betas", lambda v: isinstance(v, Sequence) and len(v) == 2 and all(is_number(b) and 0 <= b < 1 for b in v),
@@ -87,22 +90,29 @@ def check_values(cfg: DictConfig) -> None:
         if value is not None and not allowed(value):
             raise UserError(f"{key}={value} {rule}")
     accelerator = cfg.trainer.get("accelerator")
-    if cfg.trainer.get("precision") == AUTO and accelerator != "cpu":
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()
+                                      and not torch.backends.mps.is_available())
+    if cfg.trainer.get("precision") == AUTO and not on_cpu:
         raise UserError(f"trainer.precision=auto is measured on the CPU (trainer=cpu), not with "
                         f"trainer.accelerator={accelerator}: name a precision, e.g. trainer.precision=bf16-mixed")
     if accelerator in ("gpu", "cuda", "mps"):
         check_device("mps" if accelerator == "mps" else "cuda", f"trainer.accelerator={accelerator}", "trainer=cpu")
 
 
-def build_net(model: DictConfig, vocab_size: int) -> torch.nn.Module:
-    """The model of the config; a value the model or its attention refuses (a ValueError of its constructor)
-    is a UserError naming it."""
+def built(key: str, cfg: DictConfig, **kwargs):
+    """instantiate(cfg, **kwargs); a value its target refuses (a ValueError, or Lightning's
+    MisconfigurationException) is a UserError naming `key`."""
     try:
-        return instantiate(model, vocab_size=vocab_size)
+        return instantiate(cfg, **kwargs)
     except InstantiationException as e:
-        if isinstance(e.__cause__, ValueError):
-            raise UserError(f"model: {e.__cause__}") from None
+        if isinstance(e.__cause__, (ValueError, MisconfigurationException)):
+            raise UserError(f"{key}: {e.__cause__}") from None
         raise
+
+
+def build_net(model: DictConfig, vocab_size: int) -> torch.nn.Module:
+    """The model of the config; a value the model or its attention refuses is a UserError naming it."""
+    return built("model", model, vocab_size=vocab_size)
 
 
 def choose_precision(cfg: DictConfig, net: torch.nn.Module, datamodule) -> None:
@@ -118,9 +128,9 @@ def choose_precision(cfg: DictConfig, net: torch.nn.Module, datamodule) -> None:
         cfg.trainer.precision = precision
 
 
-def instantiate_all(group: DictConfig | None) -> list:
-    """Objects of a dict-of-configs group (callbacks, logger); an entry set to null is left out."""
-    return [instantiate(c) for c in (group or {}).values() if c is not None]
+def instantiate_all(name: str, group: DictConfig | None) -> list:
+    """Objects of the dict-of-configs group `name` (callbacks, logger); an entry set to null is left out."""
+    return [built(f"{name}.{key}", c) for key, c in (group or {}).items() if c is not None]
 
 
 def callbacks_for(trainer_cfg: DictConfig, callbacks: list) -> list:
@@ -189,8 +199,9 @@ def train(cfg: DictConfig) -> float | None:
     model = LanguageModel(net, optimizer=instantiate(cfg.optim), scheduler=instantiate(cfg.scheduler),
                           compile=cfg.compile, config=config)
     keep_wandb_run(cfg, config, check_resumable(cfg.ckpt_path, model) if cfg.ckpt_path else None)
-    trainer = instantiate(cfg.trainer, callbacks=callbacks_for(cfg.trainer, instantiate_all(cfg.callbacks)),
-                          logger=instantiate_all(cfg.logger) or False)
+    trainer = built("trainer", cfg.trainer,
+                    callbacks=callbacks_for(cfg.trainer, instantiate_all("callbacks", cfg.callbacks)),
+                    logger=instantiate_all("logger", cfg.logger) or False)
     if needs_own_process(trainer):  # DDP inside a multirun (see lam.sweep)
         return run_as_own_process()
     log_at_steps_done(trainer)

@@ -194,6 +194,11 @@ def test_resuming_another_attention_or_depth_names_the_differing_keys(tmp_path, 
     ("optim.betas=[0.9,1.0]", "optim.betas=[0.9, 1.0] must be two numbers in [0, 1)"),
     ("trainer.precision=bogus", "trainer.precision=bogus must be auto (the CPU trainer's default), 32-true, "),
     ("trainer.precision=8", "trainer.precision=8 must be auto"),
+    ("trainer.accelerator=bogus", "trainer.accelerator=bogus must be cpu, gpu, cuda, mps, tpu or auto"),
+    # what Lightning and LAM's callbacks refuse, named by their config key
+    ("trainer.devices=0", "trainer: `Trainer(devices=0)` value is not a valid input"),
+    ("trainer.strategy=bogus", "trainer: You selected an invalid strategy name: `strategy='bogus'`"),
+    ("callbacks.progress_bar.refresh_interval_s=-1", "callbacks.progress_bar: refresh_interval_s must be >= 0, got -1"),
     # what the model's constructors refuse
     ("model.n_head=3", "model: n_head must be >= 1 and divide d_model=32, got n_head=3"),
     ("model.n_head=0", "model: n_head must be >= 1 and divide d_model=32, got n_head=0"),

@@ -210,6 +210,17 @@ def test_auto_precision_is_refused_off_the_cpu(tmp_path):
         check_values(compose_train(["trainer=gpu", "trainer.precision=auto"], tmp_path))
 
 
+@pytest.mark.parametrize("gpu", [False, True])
+def test_auto_precision_with_an_auto_accelerator_is_measured_where_that_is_the_cpu(tmp_path, monkeypatch, gpu):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    cfg = compose_train(["trainer.accelerator=auto"], tmp_path)
+    if gpu:
+        with pytest.raises(UserError, match=r"^trainer.precision=auto is measured on the CPU"):
+            check_values(cfg)
+    else:
+        check_values(cfg)
+
+
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_fused_adamw_matches_the_default_implementation(precision):
     """The two kernels round the update in another order: 1e-5 apart in float32, and under bf16 autocast within

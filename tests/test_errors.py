@@ -194,6 +194,8 @@ def test_resuming_another_attention_or_depth_names_the_differing_keys(tmp_path, 
     ("optim.betas=[0.9,1.0]", "optim.betas=[0.9, 1.0] must be two numbers in [0, 1)"),
     ("trainer.precision=bogus", "trainer.precision=bogus must be auto (the CPU trainer's default), 32-true, "),
     ("trainer.precision=8", "trainer.precision=8 must be auto"),
+    ("compile=maybe", "compile=maybe must be true or false"),
+    ("trainer.enable_progress_bar=2", "trainer.enable_progress_bar=2 must be true or false"),
     ("trainer.accelerator=bogus", "trainer.accelerator=bogus must be cpu, gpu, cuda, mps, tpu or auto"),
     # what Lightning and LAM's callbacks refuse, named by their config key
     ("trainer.devices=0", "trainer: `Trainer(devices=0)` value is not a valid input"),

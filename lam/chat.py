@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from lam.config import command_line, config_dir, report_user_errors, set_threads
 from lam.errors import UserError
 from lam.generate import command_line_stops, load_model
-from lam.serving.model import check_sampling
+from lam.serving.model import check_sampling, check_switches
 from lam.serving.session import Session
 
 HELP = "commands: /reset (forget the transcript), /temp T, /topk K|none, /max N, /quit"
@@ -68,6 +68,7 @@ def chat(session: Session, read=input, write=print) -> None:
 @report_user_errors
 def main(cfg: DictConfig) -> None:
     check_sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    check_switches(context_shift=cfg.context_shift)
     set_threads(cfg.threads)
     model, source = load_model(cfg.model, cfg.ckpt, cfg.device)
     stop = command_line_stops(cfg.stop)

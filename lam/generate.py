@@ -21,7 +21,7 @@ from lam.models import stream
 from lam.models.lora import merge_lora_weights
 from lam.models.sampling import stream_text
 from lam.serving.build import build
-from lam.serving.model import Model, check_sampling, stop_list
+from lam.serving.model import Model, check_sampling, check_switches, stop_list
 from lam.training.checkpoint import read_checkpoint
 
 
@@ -105,6 +105,7 @@ def sample_batch(net: torch.nn.Module, tokenizer: Tokenizer, prompt: str, max_ne
 @report_user_errors
 def main(cfg: DictConfig) -> None:
     check_sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    check_switches(use_cache=cfg.use_cache, compile=cfg.compile, context_shift=cfg.context_shift)
     if not isinstance(cfg.num_samples, int) or cfg.num_samples < 1:
         raise UserError(f"num_samples must be an integer >= 1, got {cfg.num_samples!r}")
     set_threads(cfg.threads)

@@ -15,7 +15,7 @@ from lam.errors import UserError
 from lam.generate import command_line_stops, sample_batch
 from lam.models import LAM
 from lam.models.sampling import sample_next, stream, stream_text
-from lam.serving.model import check_sampling
+from lam.serving.model import check_sampling, check_switches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,11 +81,25 @@ def test_sampling_values_out_of_range_are_refused(args, message):
         check_sampling(**values)
 
 
-def test_generate_refuses_a_bad_value_in_one_line_before_loading(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "lam.generate", "ckpt=missing.ckpt", "top_k=0"],
+@pytest.mark.parametrize("switches, message", [
+    (dict(compile="maybe"), "compile must be true or false, got 'maybe'"),
+    (dict(use_cache=True, context_shift=1), "context_shift must be true or false, got 1"),
+])
+def test_switches_that_are_not_true_or_false_are_refused(switches, message):
+    with pytest.raises(UserError, match=f"^{message}$"):
+        check_switches(**switches)
+    check_switches(use_cache=True, compile=False, context_shift=True)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("top_k=0", "top_k must be an integer >= 1, or null for all tokens, got 0"),
+    ("compile=maybe", "compile must be true or false, got 'maybe'"),
+])
+def test_generate_refuses_a_bad_value_in_one_line_before_loading(tmp_path, override, message):
+    result = subprocess.run([sys.executable, "-m", "lam.generate", "ckpt=missing.ckpt", override],
                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 1
-    assert result.stderr.strip() == "error: top_k must be an integer >= 1, or null for all tokens, got 0"
+    assert result.stderr.strip() == f"error: {message}"
 
 
 def test_stop_strings_typed_on_a_command_line_read_backslash_n_as_a_newline():

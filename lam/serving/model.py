@@ -37,6 +37,13 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
         raise UserError(f"top_p must be in (0, 1] (1: all tokens), got {top_p!r}")
 
 
+def check_switches(**switches) -> None:
+    """A UserError naming the first switch that is not true or false."""
+    for name, value in switches.items():
+        if not isinstance(value, bool):
+            raise UserError(f"{name} must be true or false, got {value!r}")
+
+
 def seeded_generator(device: torch.device, seed: int | None) -> torch.Generator:
     """A generator for sampling on `device`, seeded with `seed` (None: a fresh random seed)."""
     generator = torch.Generator(device)

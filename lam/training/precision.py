@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lam.data.paths import measurements_dir
 from lam.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -103,9 +104,7 @@ def faster(times: dict[str, float]) -> str:
 
 
 def measurements_file() -> Path:
-    """$LAM_CACHE_DIR/precision.json, else ~/.cache/lam/precision.json (beside the token caches' folder)."""
-    folder = os.environ.get("LAM_CACHE_DIR") or Path.home() / ".cache" / "lam"
-    return Path(folder).expanduser() / "precision.json"
+    return measurements_dir() / "precision.json"
 
 
 def measurement_key(net: nn.Module, tokens: torch.Tensor) -> str:

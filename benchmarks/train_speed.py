@@ -18,8 +18,9 @@ weight decay 0.1 on matrices, gradient clipping at 1.0):
 
 Each run is a fresh subprocess (peak RSS = its own ru_maxrss); runs alternate lam/plain, and the order flips
 every repeat, so that a busy machine slows both alike. Speed mode: ms/step is the steady state, from the end of
-step `--warmup` to the last step, with no validation inside (lam: from the Throughput callback's elapsed_s in
-the csv; plain: perf_counter around the loop); the median over repeats is reported. MFU = tokens/s x
+step `--warmup` to the last step, with no validation inside (lam: from the Throughput callback's elapsed_s in the
+csv; plain: perf_counter around the loop); the median over repeats is reported, and beside it the median of the
+ratios within each repeat's lam/plain pair (adjacent in time, so less moved by a host that drifts). MFU = tokens/s x
 lam.models.flops.flops_per_token (attention term of the mechanism in use) / the fp32 matmul peak measured here.
 Quality mode: nanoGPT's recipe exactly on the plain side (the hyperparameters above, nanoGPT's warmup
 lr·(it+1)/(warmup+1), weight decay on every parameter of 2 or more dimensions, embeddings included), run to
@@ -370,26 +371,36 @@ def main() -> None:
 
     block, batch = specs[args.attention[0]]["plain"]["block_size"], specs[args.attention[0]]["plain"]["batch_size"]
     table = Table(title=f"speed: LAM vs plain PyTorch, recipe sizes, {args.repeats} repeat(s), median")
-    for col in ("attention", "variant", "ms/step", "tokens/s", "MFU %", "peak RSS MiB", "LAM ÷ plain tok/s"):
+    for col in ("attention", "variant", "ms/step", "tokens/s", "MFU %", "peak RSS MiB", "LAM ÷ plain tok/s",
+                "÷ within pairs"):
         table.add_column(col, justify="left" if col in ("attention", "variant") else "right")
+    pair_ratios = {}
     for attention in args.attention:
         med = {k: {m: statistics.median(x[m] for x in results[(attention, k)]) for m in ("ms_step", "rss_mib")}
                for k in ("lam", "plain")}
+        # each repeat's two runs are adjacent in time: their ratio leaves out the drift between repeats
+        pair_ratios[attention] = [p["ms_step"] / q["ms_step"] for p, q in
+                                  zip(results[(attention, "plain")], results[(attention, "lam")])]
         for kind in ("lam", "plain"):
             m = med[kind]
             tps = batch * block / (m["ms_step"] / 1000)
             ratio = med["plain"]["ms_step"] / med["lam"]["ms_step"]
+            lam_row = kind == "lam"
             table.add_row(attention, kind, f"{m['ms_step']:.1f}", f"{tps:,.0f}",
                           f"{100 * tps * flops[attention] / (peak * 1e9):.1f}", f"{m['rss_mib']:.0f}",
-                          f"{ratio:.2f}" if kind == "lam" else "")
+                          f"{ratio:.2f}" if lam_row else "",
+                          f"{statistics.median(pair_ratios[attention]):.2f}" if lam_row else "")
     console.print(table)
+    console.print("LAM ÷ plain tok/s, repeat by repeat: " + "; ".join(
+        f"{a} " + ", ".join(f"{r:.2f}" for r in rs) for a, rs in pair_ratios.items()))
     console.print("FLOPs/token (training, lam.models.flops): "
                   + ", ".join(f"{a}: {f / 1e6:.2f} M" for a, f in flops.items())
                   + f"; MFU against the fp32 matmul peak, {peak:.1f} GFLOP/s (1024^3, best of 20, "
                   f"threads={threads or torch.get_num_threads()})")
     if args.json:
-        args.json.write_text(json.dumps({"peak_gflops": peak, "flops": flops, "results": {
-            f"{a}/{k}": v for (a, k), v in results.items()}}, indent=1))
+        args.json.write_text(json.dumps({
+            "peak_gflops": peak, "flops": flops, "pair_ratios": pair_ratios,
+            "results": {f"{a}/{k}": v for (a, k), v in results.items()}}, indent=1))
 
 
 def overhead_main(args) -> None:

@@ -46,3 +46,19 @@ def test_decode_times_its_contexts_in_turns(monkeypatch):
     assert sorted(steps) == [(L, i) for L in (3, 5) for i in range(1, 17)]  # every step after the first, once
     assert steps[:4] == [(3, i) for i in range(1, 5)] and steps[4:8] == [(5, i) for i in range(1, 5)]
     assert [L for L, _ in steps].count(3) == 16 and steps[-1] == (5, 16)
+
+
+def test_speed_mode_pairs_each_repeats_two_runs(tmp_path, monkeypatch):
+    """The within-pair ratio divides the runs of one repeat, not the medians of each side: a host that is slow
+    for a whole repeat slows both its runs and leaves their ratio alone."""
+    plain_ms, lam_ms = iter([40.0, 80.0, 44.0]), iter([20.0, 64.0, 40.0])  # repeat 1 ran on a slow host
+
+    def fake_launch(kind, spec):
+        return {"ms_step": next(lam_ms if kind == "lam" else plain_ms), "rss_mib": 1.0}
+
+    monkeypatch.setattr(train_speed, "launch", fake_launch)
+    monkeypatch.setattr(train_speed, "matmul_peak", lambda threads: 100.0)
+    out = tmp_path / "speed.json"
+    monkeypatch.setattr(sys, "argv", ["train_speed", "--attention", "linear", "--repeats", "3", "--json", str(out)])
+    train_speed.main()
+    assert json.loads(out.read_text())["pair_ratios"]["linear"] == pytest.approx([2.0, 1.25, 1.1])

@@ -57,6 +57,7 @@ def test_block_size_longer_than_validation_split(tmp_path):
                                         r"use data.block_size<=40 or more text"):
         train_on(tmp_path / "short.txt", tmp_path, "data.block_size=64")
     assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run" / "tokenizer.json").exists()  # the run folder holds only its log
     (tmp_path / "tiny.txt").write_text("to be or")  # 1 val token: no block size fits
     with pytest.raises(UserError, match=r"the val split has only 1 tokens; use more text$"):
         train_on(tmp_path / "tiny.txt", tmp_path, "data.block_size=2")

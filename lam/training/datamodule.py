@@ -259,15 +259,16 @@ class TextDataModule(L.LightningDataModule):
             return
         meta = self.meta
         cache = self.cache_dir
-        self.tokenizer = load_tokenizer(cache / "tokenizer.json", trusted=(type(self.tokenizer),))
-        if self.save_dir:
-            save_tokenizer(self.tokenizer, self.save_dir)
         for name, count in meta["tokens"].items():
             if count < self.block_size + 1:
                 fix = f"use data.block_size<={count - 1} or more text" if count > 1 else "use more text"
                 raise UserError(f"data.block_size={self.block_size} does not fit: the {name} split has only "
                                 f"{count} tokens; {fix}")
-            self.splits[name] = np.memmap(cache / f"{name}.bin", dtype=meta["dtype"], mode="r")
+        self.tokenizer = load_tokenizer(cache / "tokenizer.json", trusted=(type(self.tokenizer),))
+        if self.save_dir:
+            save_tokenizer(self.tokenizer, self.save_dir)
+        self.splits = {name: np.memmap(cache / f"{name}.bin", dtype=meta["dtype"], mode="r")
+                       for name in meta["tokens"]}
 
     @property
     def vocab_size(self) -> int:

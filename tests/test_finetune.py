@@ -106,6 +106,12 @@ def test_another_architecture_is_refused(base, corpus, tmp_path, override):
         run(tmp_path / "refused", corpus, f"init_from={base}", override, base=FINE_TUNE)
 
 
+def test_a_missing_start_is_one_line_that_names_init_from(corpus, tmp_path):
+    with pytest.raises(UserError, match=r"^init_from=\S*nothere.lam does not exist: give a model file"):
+        run(tmp_path / "missing", corpus, f"init_from={tmp_path / 'nothere.lam'}", base=FINE_TUNE)
+    assert not (tmp_path / "missing" / "checkpoints").exists()
+
+
 def test_an_interrupted_fine_tune_resumes_with_its_own_command_and_ckpt_path(base, corpus, tmp_path):
     command = [f"init_from={base}", "lora=default", "lora.r=2"]
     first = run(tmp_path / "first", corpus, *command, base=FINE_TUNE)

@@ -41,6 +41,9 @@ def read_start(path: str | Path) -> Start:
     """The model, tokenizer and weights of a model file or a checkpoint of lam.train; a UserError if it is
     neither."""
     path = Path(path).expanduser()
+    if not path.exists():
+        raise UserError(f"init_from={path} does not exist: give a model file (lam.export) or a checkpoint of "
+                        "lam.train")
     if path.is_file() and not is_checkpoint(path):
         found = model_file.read(path)
         return Start(path, found.config, found.tokenizer, found.net.state_dict())

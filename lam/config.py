@@ -22,12 +22,31 @@ from lam.training.precision import cpu_precision
 from lam.training.runs import flatten, model_groups
 
 
-def run_labels(root: DictConfig) -> list[str]:
-    """The choices that say what a run trained on what: the model's, the groups its config takes (a bigram
-    takes no attention), the data's; e.g. ["lam", "linear", "shakespeare"]."""
+def option_of(group: str, target: str) -> str:
+    """The conf/<group> option whose `_target_` is `target` ("softmax" for ...SoftmaxAttention); the class's
+    name where no option builds it."""
+    for path in sorted((config_dir() / group).glob("*.yaml")):
+        if OmegaConf.load(path).get("_target_") == target:
+            return path.stem
+    return target.rpartition(".")[2]
+
+
+def trained_choices(root: DictConfig) -> dict[str, str]:
+    """The choices that say what a run trained: the model's and those of the groups its config takes (a bigram
+    takes no attention), e.g. {"model": "lam", "attention": "linear"}. With init_from= the file's model replaced
+    the composed one, so each is the option of the class that was built, not the one composed."""
     choices = HydraConfig.get().runtime.choices
     model = flatten(OmegaConf.to_container(root.model, resolve=False)).values()
-    return [choices[group] for group in (*model_groups(model, choices), "data")]
+    groups = model_groups(model, choices)
+    if not root.get("init_from"):
+        return {group: choices[group] for group in groups}
+    return {group: option_of(group, root[group]._target_) for group in groups}
+
+
+def run_labels(root: DictConfig) -> list[str]:
+    """The choices that say what a run trained on what: the trained model's, then the data's; e.g. ["lam",
+    "linear", "shakespeare"]."""
+    return [*trained_choices(root).values(), HydraConfig.get().runtime.choices["data"]]
 
 
 def train_groups() -> str:

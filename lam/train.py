@@ -18,6 +18,7 @@ messages included, and a failed run's error or traceback too; the run ends with 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from numbers import Real
@@ -31,10 +32,11 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lam.config import check_device, command_line, config_dir, override_key, report_user_errors, set_threads, \
-    user_error
+    trained_choices, user_error
 from lam.errors import UserError
 from lam.models.flops import flops_per_token
 from lam.sweep import needs_own_process, run_as_own_process
@@ -161,6 +163,21 @@ def validate_the_end(trainer: L.Trainer, model: LanguageModel, datamodule) -> No
         trainer.save_checkpoint(checkpoint.last_model_path, weights_only=checkpoint.save_weights_only)
 
 
+@rank_zero_only
+def save_run_config(cfg: DictConfig) -> None:
+    """Write `cfg` over the run's .hydra/config.yaml, which Hydra wrote as composed before the run changed it
+    (init_from='s model in place of the composed one), so that the folder says what was trained."""
+    subdir = HydraConfig.get().output_subdir
+    if subdir is None:  # hydra.output_subdir=null: no .hydra folder
+        return
+    path = Path(cfg.paths.output_dir) / subdir / "config.yaml"
+    if not path.is_file():
+        return
+    tmp = path.with_suffix(".tmp")
+    OmegaConf.save(cfg, tmp)
+    os.replace(tmp, path)
+
+
 def start_from(cfg: DictConfig, overrides: dict[str, str]) -> Start:
     """init_from's model, whose architecture replaces cfg.model; a UserError if the command line's `overrides`
     (each with the config key it sets) ask for another. With ckpt_path= too (the fine-tune's own command,
@@ -168,7 +185,11 @@ def start_from(cfg: DictConfig, overrides: dict[str, str]) -> Start:
     start = read_start(cfg.init_from)
     check_architecture(start, OmegaConf.to_container(cfg.model, resolve=True), overrides)
     with open_dict(cfg):
-        cfg.model = start.model
+        if "attention" in start.model and "attention" in cfg:  # the attention group is the file's too
+            cfg.attention = start.model["attention"]
+            cfg.model = {**start.model, "attention": "${attention}"}
+        else:
+            cfg.model = start.model
     return start
 
 
@@ -190,6 +211,7 @@ def train(cfg: DictConfig) -> float | None:
                 cfg.data.block_size = block_size
             datamodule = instantiate(cfg.data, tokenizer=start.tokenizer)
         start.load_into(net)
+        save_run_config(cfg)
     adapted = adapt(net, OmegaConf.to_container(cfg.lora, resolve=True)) if cfg.get("lora") else []
     size = {**parameter_counts(net),  # counted before torch.compile wraps the net
             "flops_per_token": flops_per_token(net, datamodule.block_size)}
@@ -235,6 +257,7 @@ def train(cfg: DictConfig) -> float | None:
             "wall_s": round(wall_s, 2),
             "tokens_per_sec": round(tokens / wall_s, 1) if cfg.ckpt_path is None else None,
             "interrupted": trainer.interrupted,
+            "trained": trained_choices(cfg),  # init_from's model, where it replaced the composed one
         }
         write_json(Path(cfg.paths.output_dir) / "metrics.json", metrics)
         log_results(trainer.loggers, metrics)

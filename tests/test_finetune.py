@@ -1,9 +1,14 @@
 """Fine-tuning end to end: init_from= starts from a checkpoint's weights, tokenizer and architecture; lora=
 trains adapters only; the result loads as a plain LAM."""
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from helpers import TINY, TINY_RUN, column, compose_train, read_metrics
 import lam
@@ -13,6 +18,7 @@ from lam.generate import load_checkpoint
 from lam.models import LAM
 from lam.train import train
 from lam.training.finetune import adapt, read_start
+from lam.training.runs import load_run
 
 pytestmark = pytest.mark.slow
 
@@ -104,6 +110,22 @@ def test_new_characters_are_one_clear_error_and_errors_replace_reads_them(base, 
 def test_another_architecture_is_refused(base, corpus, tmp_path, override):
     with pytest.raises(UserError, match=f"{override} is refused: init_from=.* fixes the architecture"):
         run(tmp_path / "refused", corpus, f"init_from={base}", override, base=FINE_TUNE)
+
+
+def test_the_run_folder_names_the_model_init_from_gave_not_the_composed_one(corpus, tmp_path):
+    """A fine-tune of a softmax model, composed with the default attention (linear): its .hydra/config.yaml,
+    metrics.json, wandb name and lam.compare all say softmax, the attention that was trained."""
+    softmax = run(tmp_path / "softmax", corpus, "attention=softmax", "trainer.max_steps=2")
+    out = tmp_path / "tuned"
+    subprocess.run([sys.executable, "-m", "lam.train", *FINE_TUNE, "data=custom", f"data.path={corpus}",
+                    f"init_from={softmax}", "logger=wandb", f"hydra.run.dir={out}"], check=True, capture_output=True)
+    saved = OmegaConf.load(out / ".hydra" / "config.yaml")
+    assert saved.attention._target_ == "lam.models.attention.SoftmaxAttention"
+    assert saved.model.n_embd == 32 and OmegaConf.to_container(saved.model)["attention"] == "${attention}"
+    assert json.loads((out / "metrics.json").read_text())["trained"] == {"model": "lam", "attention": "softmax"}
+    assert load_run(out, "val/loss").choices["attention"] == "softmax"
+    (wandb_run,) = (out / "wandb").glob("offline-run-*/*.wandb")
+    assert b"lam-softmax-custom-s" in wandb_run.read_bytes()
 
 
 def test_a_missing_start_is_one_line_that_names_init_from(corpus, tmp_path):

@@ -110,6 +110,7 @@ def load_run(path: Path, metric: str) -> Run:
     steps = [s for s, _ in logged]
     seconds = np.interp(steps, [s for s, _ in clock], [t for _, t in clock]).tolist()
     result = json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").is_file() else {}
+    choices.update(result.get("trained", {}))  # the model init_from= gave, in place of the composed one
     if "precision" in result:  # what the run trained at, where its config says auto or ${lam.cpu_precision:}
         config["trainer.precision"] = result["precision"]
     return Run(path, choices, config, steps, [v for _, v in logged], seconds, result)

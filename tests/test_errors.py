@@ -166,7 +166,7 @@ def test_resuming_another_attention_or_depth_names_the_differing_keys(tmp_path, 
     path = tmp_path / "run" / "checkpoints" / "last.ckpt"
     with pytest.raises(UserError, match=r"^ckpt_path=.*last.ckpt was written for another model: "
                                         r"model.attention._target_ is .*LinearAttention there and "
-                                        r".*SoftmaxAttention here"):
+                                        r".*SoftmaxAttention here; resume with "):  # not the keys of other classes
         train_on(corpus, tmp_path, "model.n_layer=2", "attention=softmax", f"ckpt_path={path}")
     with pytest.raises(UserError, match=r"another model: model.n_layer is 2 there and 1 here; resume with "):
         train_on(corpus, tmp_path, "model.n_layer=1", f"ckpt_path={path}")

@@ -58,7 +58,10 @@ def read_checkpoint(path: str | Path, device: str = "cpu") -> dict:
 
 def differing_keys(there: dict, here: dict, prefix: str = "") -> list[tuple[str, object, object]]:
     """(dotted key, value there, value here) wherever two nested configs differ; a key one of them lacks is
-    None there."""
+    None there. Where the `_target_`s differ, that is the one difference named: the other keys belong to
+    other classes."""
+    if there.get("_target_") != here.get("_target_"):
+        return [(f"{prefix}_target_", there.get("_target_"), here.get("_target_"))]
     out = []
     for key in dict.fromkeys([*there, *here]):
         a, b = there.get(key), here.get(key)

@@ -159,6 +159,9 @@ def test_chat_continues_the_role_template(client, model):
     with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
         chunks = events(response.read().decode())
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == expected
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert deltas[0] == {"role": "assistant", "content": ""}  # the role once, first, as OpenAI streams it
+    assert all("role" not in d for d in deltas[1:]) and deltas[-1] == {}
 
 
 def chat_prompt_text(messages: list[dict]) -> str:

@@ -257,10 +257,10 @@ def create_app(model, model_id: str = "lam", max_prompt_tokens: int = 4096, max_
         stop_strings(params.stop)
         ident, created = f"{kind}-{uuid.uuid4().hex}", int(time.time())
 
-        def chunk(text: str | None, reason: str | None) -> dict:
+        def chunk(text: str | None, reason: str | None, role: bool = False) -> dict:
             if chat:
-                choice = {"index": 0, "delta": {} if text is None else {"role": "assistant", "content": text},
-                          "finish_reason": reason}
+                delta = {**({"role": "assistant"} if role else {}), **({} if text is None else {"content": text})}
+                choice = {"index": 0, "delta": delta, "finish_reason": reason}
             else:
                 choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
             return {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion",
@@ -276,6 +276,8 @@ def create_app(model, model_id: str = "lam", max_prompt_tokens: int = 4096, max_
 
         async def events() -> AsyncIterator[str]:
             text = ""
+            if chat:  # OpenAI's order: the role in a delta of its own, first; then the content's pieces
+                yield sse(chunk("", None, role=True))
             try:
                 async for piece in server.pieces(prompt, params):
                     text += piece

@@ -18,7 +18,6 @@ messages included, and a failed run's error or traceback too; the run ends with 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Sequence
 from numbers import Real
@@ -46,7 +45,7 @@ from lam.training.lightning_module import LanguageModel
 from lam.training.precision import AUTO, PRECISIONS, cpu_precision, emulated_bf16, measured_precision
 from lam.training.run_log import log_to_the_run
 from lam.training.tracking import finish_wandb, keep_wandb_run, log_at_steps_done, log_results, log_summary, \
-    write_json
+    write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -173,9 +172,7 @@ def save_run_config(cfg: DictConfig) -> None:
     path = Path(cfg.paths.output_dir) / subdir / "config.yaml"
     if not path.is_file():
         return
-    tmp = path.with_suffix(".tmp")
-    OmegaConf.save(cfg, tmp)
-    os.replace(tmp, path)
+    write_text(path, OmegaConf.to_yaml(cfg))
 
 
 def start_from(cfg: DictConfig, overrides: dict[str, str]) -> Start:

@@ -43,11 +43,15 @@ def keep_wandb_run(cfg: DictConfig, config: dict, resumed_config: dict | None) -
 
 
 
+def write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # never a half-written file under the final name
+
+
 @rank_zero_only
 def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)  # never a half-written file under the final name
+    write_text(path, json.dumps(data, indent=2))
 
 
 

@@ -188,3 +188,14 @@ def set_threads(threads) -> None:
     if type(threads) is not int or threads < 1:
         raise UserError(f"threads takes an integer from 1 up, or null, got {threads!r}")
     torch.set_num_threads(threads)
+
+
+def output_file(path: str | Path, example: str, key: str = "out") -> Path:
+    """`path` as a file an entry point may write: a UserError naming `key` if it is a folder (suggesting the
+    file `example` in it) or its folder does not exist."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"{key}={path} is a folder; give a file name, e.g. {key}={path / example}")
+    if not path.parent.is_dir():
+        raise UserError(f"{key}={path}: folder {path.parent} does not exist")
+    return path

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from lam.config import compose_train, config_dir, hydra_quoted, override_key, quote_overrides, report_user_errors
+from lam.config import (compose_train, config_dir, hydra_quoted, output_file, override_key, quote_overrides,
+                        report_user_errors)
 from lam.errors import UserError
 from lam.data.corpora import corpus_name
 from lam.generate import load_model
@@ -81,9 +82,7 @@ def training_corpus(model: Model, source: str) -> list[str]:
 
 def run(argv: list[str]) -> dict:
     own, overrides = parse(argv)
-    out = Path(own["out"]).expanduser()
-    if not out.parent.is_dir():
-        raise UserError(f"out={out}: folder {out.parent} does not exist")
+    out = output_file(own["out"], "eval.json")
     model, source = load_model(own["model"], own["ckpt"], own["device"])
     if not any(override_key(o) in ("data", "data.path") for o in overrides):
         overrides = [*training_corpus(model, source), *overrides]

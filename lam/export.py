@@ -12,7 +12,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from lam.config import command_line, config_dir, report_user_errors
+from lam.config import command_line, config_dir, output_file, report_user_errors
 from lam.data.corpora import corpus_name
 from lam.data.tokenizer import describe
 from lam.errors import UserError
@@ -31,9 +31,7 @@ def validation_loss(checkpoint: dict) -> float | None:
 
 def export(ckpt: str | Path, out: str | Path) -> Model:
     """The checkpoint's model, written to the model file `out`."""
-    ckpt, out = Path(ckpt).expanduser(), Path(out).expanduser()
-    if not out.parent.is_dir():
-        raise UserError(f"out={out}: folder {out.parent} does not exist")
+    ckpt, out = Path(ckpt).expanduser(), output_file(out, "model.lam")
     if out.resolve() == ckpt.resolve():
         raise UserError(f"out={out} is the checkpoint itself; give another path")
     checkpoint = read_checkpoint(ckpt)

@@ -63,12 +63,17 @@ def test_a_runs_checkpoints_read_with_weights_only(trained):
         assert checkpoint["lam"]["tokenizer"]["class"] == "lam.data.tokenizer.CharTokenizer"
 
 
-def test_eval_refuses_an_out_in_a_missing_folder_before_evaluating(tmp_path, capsys):
+def test_eval_refuses_an_out_in_a_missing_folder_or_a_folder_before_evaluating(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         main(["model=missing.lam", f"out={tmp_path / 'no' / 'e.json'}"])
     assert exit.value.code == 1
     assert capsys.readouterr().err.strip() == f"error: out={tmp_path / 'no' / 'e.json'}: folder {tmp_path / 'no'} " \
                                               "does not exist"
+    with pytest.raises(SystemExit) as exit:
+        main(["model=missing.lam", f"out={tmp_path}"])
+    assert exit.value.code == 1
+    assert capsys.readouterr().err.strip() == f"error: out={tmp_path} is a folder; give a file name, e.g. " \
+                                              f"out={tmp_path / 'eval.json'}"
 
 
 def test_eval_without_a_corpus_reads_the_one_the_model_was_trained_on(trained, tmp_path):

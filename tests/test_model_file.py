@@ -216,6 +216,12 @@ def test_export_cli_writes_the_file_and_names_it(tmp_path):
                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 1 and result.stderr.strip() == f"error: out={tmp_path}/no/x.lam: folder " \
                                                                f"{tmp_path}/no does not exist"
+    before = sorted(tmp_path.iterdir())
+    result = subprocess.run([sys.executable, "-m", "lam.export", f"ckpt={ckpt}", f"out={tmp_path}"],
+                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 1 and result.stderr.strip() == f"error: out={tmp_path} is a folder; give a file " \
+                                                               f"name, e.g. out={tmp_path / 'model.lam'}"
+    assert sorted(tmp_path.iterdir()) == before and not list(tmp_path.parent.glob(f".{tmp_path.name}*.tmp"))
 
 
 def test_lam_load_needs_neither_lightning_nor_hydra(tmp_path):

@@ -216,6 +216,18 @@ def test_read_text_streams_utf8_and_names_the_offset_of_a_bad_byte(tmp_path):
     assert "".join(read_text(path, errors="replace", block_bytes=7)).endswith("ok \ufffd")
 
 
+def test_a_folders_empty_files_are_skipped_and_a_folder_of_only_empty_files_refused(tmp_path):
+    """An empty document adds no break between the others; only a folder with no text at all is refused."""
+    text = "to be or not to be, that is the question\n" * 4
+    folder = write_docs(tmp_path / "docs", {"a.txt": "", "b.txt": text, "c.txt": " \n\n"})
+    dm = datamodule(folder, tmp_path / "cache")
+    train_ids, val_ids = cached_ids(dm)
+    assert dm.tokenizer.decode(train_ids + val_ids) == text
+    blank = write_docs(tmp_path / "blank", {"a.txt": "", "b.txt": " \n"})
+    with pytest.raises(UserError, match=r"^\S*blank: all 2 files matching '\*\*/\*\.txt' are empty$"):
+        datamodule(blank, tmp_path / "cache").prepare_data()
+
+
 def test_bad_input_is_one_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="empty is an empty folder"):

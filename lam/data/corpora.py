@@ -44,7 +44,7 @@ def read_text(path: Path, errors: str = "strict", block_bytes: int = READ_BLOCK_
     """The UTF-8 text of a file in pieces of about `block_bytes`, each ending after a line break where it has
     one (so that a piece rarely cuts a word). `errors="replace"` reads invalid bytes as U+FFFD."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors)
-    offset, rest, blank = 0, "", True  # bytes read so far; text held back after the last line break
+    offset, rest = 0, ""  # bytes read so far; text held back after the last line break
     with open(path, "rb") as f:
         while True:
             block = f.read(block_bytes)
@@ -55,15 +55,21 @@ def read_text(path: Path, errors: str = "strict", block_bytes: int = READ_BLOCK_
                 raise UserError(f"{path} is not UTF-8 text: invalid byte 0x{e.object[e.start]:02x} at offset "
                                 f"{offset - held + e.start} (data.errors=replace reads it anyway)") from None
             offset += len(block)
-            blank = blank and (not text or text.isspace())
             cut = len(text) if not block else text.rfind("\n") + 1 or len(text)
             rest = text[cut:]
             if cut:
                 yield text[:cut]
             if not block:
                 break
-    if blank:
-        raise UserError(f"{path} is empty")
+
+
+def text_length(path: Path, errors: str = "strict") -> int:
+    """The characters of the file's text; 0 where it holds nothing but whitespace."""
+    length, blank = 0, True
+    for text in read_text(path, errors):
+        length += len(text)
+        blank = blank and text.isspace()
+    return 0 if blank else length
 
 
 class Download:

@@ -39,7 +39,7 @@ from rich.console import Console
 from rich.progress import Progress
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from lam.data.corpora import Download, LocalText, read_text
+from lam.data.corpora import Download, LocalText, read_text, text_length
 from lam.data.paths import default_cache_dir
 from lam.data.tokenizer import CharTokenizer, Tokenizer, load_tokenizer
 from lam.errors import UserError
@@ -79,6 +79,16 @@ def split_pieces(documents: list[tuple[Path, str]], cut: int,
             else:
                 yield ("train" if seen < cut else "val"), text
             seen += len(text)
+
+
+def with_text(corpus: Download | LocalText) -> list[tuple[Path, str, int]]:
+    """(path, errors, characters) of each file of the corpus that holds more than whitespace, in order; a
+    UserError where none does."""
+    sized = [(path, corpus.errors, text_length(path, corpus.errors)) for path in corpus.files()]
+    if not (documents := [document for document in sized if document[2]]):
+        raise UserError(f"{sized[0][0]} is empty" if len(sized) == 1 else
+                        f"{corpus.path}: all {len(sized)} files matching {corpus.glob!r} are empty")
+    return documents
 
 
 FALLBACKS = "\ufffd? "  # what errors=replace reads a character outside a given alphabet as: the first it has
@@ -207,12 +217,10 @@ class TextDataModule(L.LightningDataModule):
         final = self.cache_dir
         if (final / "meta.json").exists():
             return
-        documents = [(path, self.source.errors) for path in self.source.files()]
-        n_train = len(documents)
-        if self.val_source:
-            documents += [(path, self.val_source.errors) for path in self.val_source.files()]
-        sizes = [sum(map(len, read_text(path, errors))) for path, errors in documents]
-        characters = sum(sizes)
+        train = with_text(self.source)
+        documents = train + (with_text(self.val_source) if self.val_source else [])
+        n_train, sizes = len(train), [size for _, _, size in documents]
+        documents, characters = [(path, errors) for path, errors, _ in documents], sum(sizes)
         cut = sum(sizes[:n_train]) if self.val_source else int(characters * (1 - self.val_fraction))
 
         tokenizer = self.tokenizer

@@ -164,6 +164,40 @@ def test_chat_continues_the_role_template(client, model):
     assert all("role" not in d for d in deltas[1:]) and deltas[-1] == {}
 
 
+def test_openais_defaults_for_fields_it_does_not_implement_are_accepted(client, model):
+    """What OpenAI's clients send when nothing is asked of logprobs, penalties, ...; max_tokens null: 16."""
+    neutral = {"logprobs": None, "frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}, "best_of": 1,
+               "user": "someone", "max_tokens": None}
+    answer = client.post("/v1/completions", json={"prompt": "To be", "seed": 2, **neutral}).json()
+    assert answer["choices"][0]["text"] == model.generate("To be", max_new_tokens=16, seed=2)
+    assert answer["usage"]["completion_tokens"] == 16
+
+
+def test_echo_puts_the_prompt_before_the_completion(client, model):
+    body = {"prompt": "To be", "max_tokens": 12, "seed": 4, "echo": True}
+    expected = model.generate("To be", max_new_tokens=12, seed=4)
+    answer = client.post("/v1/completions", json=body).json()
+    assert answer["choices"][0]["text"] == "To be" + expected
+    assert answer["usage"] == {"prompt_tokens": 5, "completion_tokens": 12, "total_tokens": 17}
+    assert answer["choices"][0]["finish_reason"] == "length"
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+        chunks = events(response.read().decode())
+    assert chunks[0]["choices"][0]["text"] == "To be"
+    assert "".join(c["choices"][0]["text"] for c in chunks) == "To be" + expected
+
+
+def test_a_chats_max_completion_tokens_is_its_max_tokens(client, model):
+    messages = [{"role": "user", "content": "Who goes there?"}]
+    answer = client.post("/v1/chat/completions", json={"messages": messages, "max_completion_tokens": 7,
+                                                       "max_tokens": 30, "seed": 5}).json()
+    assert answer["choices"][0]["message"]["content"] == model.generate(chat_prompt_text(messages),
+                                                                        max_new_tokens=7, seed=5)
+    assert answer["usage"]["completion_tokens"] == 7
+    error = client.post("/v1/chat/completions", json={"messages": messages,
+                                                      "max_completion_tokens": MAX_TOKENS + 1}).json()["error"]
+    assert error["param"] == "max_completion_tokens" and str(MAX_TOKENS) in error["message"]
+
+
 def chat_prompt_text(messages: list[dict]) -> str:
     return chat_prompt([Message(**m) for m in messages])
 
@@ -189,6 +223,12 @@ def chat_prompt_text(messages: list[dict]) -> str:
     ({"prompt": ["one", "two"]}, "prompt"),
     ({"prompt": None}, "prompt"),
     ({"model": "gpt-4"}, "model"),
+    ({"logprobs": 2}, "logprobs"),
+    ({"frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"logit_bias": {"5": 10}}, "logit_bias"),
+    ({"best_of": 3}, "best_of"),
+    ({"suffix": "end"}, "suffix"),
+    ({"echo": "yes"}, "echo"),
 ])
 def test_each_bad_parameter_is_a_4xx_in_openais_error_shape(client, change, param):
     response = client.post("/v1/completions", json={"prompt": "To be", "max_tokens": 5, **change})

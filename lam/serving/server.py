@@ -25,7 +25,7 @@ from typing import Any, Literal
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.exceptions import HTTPException
 
 from lam.errors import UserError
@@ -46,13 +46,22 @@ class APIError(Exception):
         return JSONResponse({"error": body}, status_code=self.status)
 
 
+DEFAULT_MAX_TOKENS = 16  # OpenAI's completions default
+# OpenAI's fields this server does not implement, and the values that ask for nothing (what their clients send
+# by default); any other value is refused rather than ignored
+UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "frequency_penalty": (None, 0),
+               "presence_penalty": (None, 0), "logit_bias": (None, {}), "best_of": (None, 1), "suffix": (None, ""),
+               "tools": (None, []), "tool_choice": (None, "none"), "response_format": (None, {"type": "text"})}
+
+
 class Sampling(BaseModel):
-    """The sampling parameters both endpoints share. Unknown fields (OpenAI's logprobs, user, ...) are ignored."""
+    """The sampling parameters both endpoints share. Other fields are ignored (user, metadata, ...), except those
+    of UNSUPPORTED that ask for something."""
 
     model_config = ConfigDict(strict=True)
 
     model: str | None = None
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int | None = Field(None, ge=1)  # null: DEFAULT_MAX_TOKENS
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_k: int | None = Field(None, ge=1)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -63,8 +72,16 @@ class Sampling(BaseModel):
     stream_options: dict[str, bool] | None = None
 
 
+    @model_validator(mode="after")
+    def token_limit(self) -> Sampling:
+        """A chat's max_completion_tokens (OpenAI's newer name) where given, else max_tokens, else the default."""
+        self.max_tokens = getattr(self, "max_completion_tokens", None) or self.max_tokens or DEFAULT_MAX_TOKENS
+        return self
+
+
 class CompletionRequest(Sampling):
     prompt: str | list[str]
+    echo: bool = False  # true: the text begins with the prompt
 
 
 class Message(BaseModel):
@@ -76,12 +93,21 @@ class Message(BaseModel):
 
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # where given, it is max_tokens
 
 
 async def read_request(request: Request, schema: type[Sampling]) -> Sampling:
     """The JSON body validated against `schema`, whatever its Content-Type says (curl -d sends a form's)."""
+    body = await request.body()
     try:
-        return schema.model_validate_json(await request.body())
+        fields = json.loads(body)
+    except ValueError:  # answered by the validation below
+        fields = None
+    for field, neutral in UNSUPPORTED.items():
+        if isinstance(fields, dict) and fields.get(field) not in neutral:
+            raise APIError(400, f"{field} is not supported by this server", field, "unsupported_parameter")
+    try:
+        return schema.model_validate_json(body)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
@@ -120,8 +146,9 @@ class Server:
             raise APIError(404, f"the model {params.model!r} does not exist; this server has {self.model_id!r}",
                            "model", "model_not_found")
         if params.max_tokens > self.max_tokens:
-            raise APIError(400, f"max_tokens is at most {self.max_tokens} on this server, got {params.max_tokens}",
-                           "max_tokens")
+            field = "max_completion_tokens" if getattr(params, "max_completion_tokens", None) else "max_tokens"
+            raise APIError(400, f"{field} is at most {self.max_tokens} on this server, got {params.max_tokens}",
+                           field)
         shown = "the prompt" if param == "prompt" else "the transcript (a 'role: content' line per message)"
         try:
             n = len(self.model.tokenizer.encode(prompt))
@@ -266,11 +293,12 @@ def create_app(model, model_id: str = "lam", max_prompt_tokens: int = 4096, max_
             return {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion",
                     "created": created, "model": model_id, "choices": [choice]}
 
+        echo = prompt if getattr(params, "echo", False) else ""  # a completion's text may begin with its prompt
         if not params.stream:
             text = await until_disconnected(request, collect(server.pieces(prompt, params)))
             reason = finish_reason(server, params, text)
             choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
-                      if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": reason})
+                      if chat else {"index": 0, "text": echo + text, "logprobs": None, "finish_reason": reason})
             return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
                     "model": model_id, "choices": [choice], "usage": usage(prompt_tokens, server.count(text))}
 
@@ -278,6 +306,8 @@ def create_app(model, model_id: str = "lam", max_prompt_tokens: int = 4096, max_
             text = ""
             if chat:  # OpenAI's order: the role in a delta of its own, first; then the content's pieces
                 yield sse(chunk("", None, role=True))
+            elif echo:
+                yield sse(chunk(echo, None))
             try:
                 async for piece in server.pieces(prompt, params):
                     text += piece

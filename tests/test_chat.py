@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import lam
+from lam.chat import HELP, command
 from lam.data.tokenizer import CharTokenizer
 from lam.models import LAM
 from lam.models.attention import LinearAttention, SoftmaxAttention
@@ -107,6 +108,19 @@ def test_a_stop_string_ends_the_turn_and_reset_forgets():
     assert session.ids == [] and session.state is None
     session.stop = []
     assert "".join(session.turn("the king: ")) == free
+
+
+def test_a_command_with_a_value_out_of_range_leaves_the_session_as_it_was():
+    session = Session(model(LinearAttention, "rope"), max_new_tokens=30, temperature=0.5, top_k=10)
+    kept = (session.temperature, session.top_k, session.max_new_tokens)
+    for line, says in [("/temp -1", "temperature must be >= 0"), ("/max 0", "max_new_tokens must be"),
+                       ("/topk 0", "top_k must be"), ("/temp hot", "/temp takes a number")]:
+        assert says in command(session, line)
+        assert (session.temperature, session.top_k, session.max_new_tokens) == kept
+    assert len(list(session.turn("the king: "))) > 0  # the session still samples
+    assert command(session, "/temp 0") == "(temperature 0.0, top_k 10, max 30)" and session.temperature == 0
+    assert command(session, "/help") == f"({HELP})" and "/help" in HELP
+    assert command(session, "/quit") is None
 
 
 def terminal(text: str) -> str:

@@ -92,6 +92,12 @@ def check_values(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and not allowed(value):
             raise UserError(f"{key}={value} {rule}")
+    model, windows = cfg.get("model") or {}, cfg.data.get("block_size")
+    if (model.get("pos") == "learned" and is_positive_int(model.get("block_size")) and is_positive_int(windows)
+            and model.block_size < windows and not cfg.get("init_from")):  # init_from's windows are fitted
+        raise UserError(f"model.block_size={model.block_size} is shorter than data.block_size={windows}: learned "
+                        f"positions reach model.block_size tokens; set data.block_size<={model.block_size} "
+                        "(model.block_size follows it) or model.pos=rope")
     accelerator = cfg.trainer.get("accelerator")
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()
                                       and not torch.backends.mps.is_available())

@@ -208,6 +208,8 @@ def test_resuming_another_attention_or_depth_names_the_differing_keys(tmp_path, 
     ("model.n_layer=0", "model: n_layer must be an integer >= 1, got 0"),
     ("model.n_embd=0", "model: n_embd must be an integer >= 1, got 0"),
     ("model.pos=abs", "model: pos must be 'learned' or 'rope', got 'abs'"),
+    ("model.block_size=16", "model.block_size=16 is shorter than data.block_size=32: learned positions reach "
+     "model.block_size tokens; set data.block_size<=16 (model.block_size follows it) or model.pos=rope"),
     ("model.dropout=1.5", "model: dropout probability has to be between 0 and 1"),
     ("attention.chunk_size=0", "model: chunk_size must be an integer >= 1, got 0"),
     ("attention=window attention.window=0", "model: window must be >= 1, got 0"),
@@ -216,6 +218,10 @@ def test_values_that_cannot_work_are_refused_by_key(tmp_path, corpus, override, 
     with pytest.raises(UserError, match=f"^{re.escape(message)}"):
         train_on(corpus, tmp_path, *override.split())
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_shorter_position_table_than_the_windows_works_with_rotary_positions(tmp_path, corpus):
+    assert train_on(corpus, tmp_path, "model.block_size=16", "model.pos=rope", "trainer.max_steps=2") is not None
 
 
 @pytest.mark.parametrize("precision", ["auto", "32-true", "32", "bf16-mixed", "bf16", "16-mixed", "64-true"])

@@ -92,6 +92,6 @@ def log_summary(metrics: dict, output_dir: str, checkpoint) -> None:
         log.info(f"{'best' if best else 'last'} checkpoint: {best or last}")
     if metrics["tokens_per_sec"] is not None:
         log.info(f"tokens/s: {metrics['tokens_per_sec']:,.0f} ({metrics['tokens_seen']:,} tokens in "
-                 f"{metrics['wall_s']} s)")
+                 f"{metrics['wall_s']} s of fitting, validation and samples included)")
     if best or last:
         log.info(f"sample from it: python -m lam.generate ckpt={best or last}")

@@ -128,6 +128,11 @@ def test_perplexity_is_the_exp_of_the_mean_loss_over_windows(tmp_path):
             logits = net(piece[None, :-1])[0][0]
             losses += torch.nn.functional.cross_entropy(logits, piece[1:], reduction="none").tolist()
     assert m.perplexity(text) == pytest.approx(torch.tensor(losses).mean().exp().item(), rel=1e-6)
+    with pytest.raises(TypeError, match="^text must be one string, got list$"):
+        m.perplexity([text])
+    for call in (m.generate, m.stream):
+        with pytest.raises(TypeError, match="^prompt must be one string, got list$"):
+            "".join(call(["the king", "the queen"], max_new_tokens=3))
 
 
 def refusals(tmp_path, marker):

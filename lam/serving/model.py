@@ -44,6 +44,13 @@ def check_switches(**switches) -> None:
             raise UserError(f"{name} must be true or false, got {value!r}")
 
 
+def text_only(text: str, name: str) -> str:
+    """`text`, or a TypeError naming `name` where it is not one string (a list of prompts is not a batch)."""
+    if not isinstance(text, str):
+        raise TypeError(f"{name} must be one string, got {type(text).__name__}")
+    return text
+
+
 def seeded_generator(device: torch.device, seed: int | None) -> torch.Generator:
     """A generator for sampling on `device`, seeded with `seed` (None: a fresh random seed)."""
     generator = torch.Generator(device)
@@ -98,7 +105,7 @@ class Model:
         return f"{info['parameters']:,} parameters, {kind}, {info['tokenizer']}"
 
     def encode_prompt(self, prompt: str) -> torch.Tensor:
-        ids = self.tokenizer.encode(prompt)
+        ids = self.tokenizer.encode(text_only(prompt, "prompt"))
         if not ids:
             raise UserError("the prompt is empty: give at least one character, e.g. '\\n'")
         return torch.tensor([ids], dtype=torch.long, device=self.device)
@@ -123,7 +130,7 @@ class Model:
     def perplexity(self, text: str) -> float:
         """exp of the mean next-token loss over `text`, read in consecutive windows of block_size tokens (each
         window from a fresh context, as validation reads its windows)."""
-        ids = self.tokenizer.encode(text)
+        ids = self.tokenizer.encode(text_only(text, "text"))
         if len(ids) < 2:
             raise UserError("perplexity needs a text of at least two tokens")
         window = getattr(self.net, "block_size", None) or len(ids)

@@ -60,6 +60,7 @@ class Watched:
 
     def __init__(self, model, delay: float = 0.001):
         self.model, self.tokenizer, self.info, self.delay = model, model.tokenizer, model.info, delay
+        self.logprobs = model.logprobs
         self.running = self.most = 0
 
     def stream(self, prompt, **kwargs):
@@ -186,6 +187,88 @@ def test_echo_puts_the_prompt_before_the_completion(client, model):
     assert "".join(c["choices"][0]["text"] for c in chunks) == "To be" + expected
 
 
+def recomputed_logprobs(model, ids: list[int]) -> list[torch.Tensor]:
+    """The log-probabilities after ids[:i] for each i >= 1, each from its own forward pass over the last
+    block_size tokens, as sampling without a cache sees them."""
+    with torch.no_grad():
+        return [model.net(torch.tensor([ids[max(0, i - 64):i]]))[0][0, -1].log_softmax(-1) for i in range(1, len(ids))]
+
+
+def test_logprobs_past_the_position_table_are_those_of_the_window_sampling_recomputes(model):
+    ids = model.tokenizer.encode("To be, or not to be: that is the question. Whether tis nobler in the mind to suffer")
+    assert len(ids) > 64
+    reference = recomputed_logprobs(model, ids)
+    scored = model.logprobs(ids, start=3, top=4)
+    assert len(scored) == len(ids) - 3
+    for i, (logprob, best) in zip(range(3, len(ids)), scored):
+        assert logprob == pytest.approx(reference[i - 1][ids[i]].item(), abs=1e-5)
+        values, indices = reference[i - 1].topk(4)
+        assert [j for j, _ in best] == indices.tolist()
+        assert [v for _, v in best] == pytest.approx(values.tolist(), abs=1e-5)
+
+
+def test_completion_logprobs_score_the_sampled_tokens_and_with_echo_the_prompts(client, model):
+    body = {"prompt": "To be", "max_tokens": 20, "seed": 6, "logprobs": 3}
+    plain = client.post("/v1/completions", json=body).json()["choices"][0]
+    echoed = client.post("/v1/completions", json={**body, "echo": True}).json()["choices"][0]
+    assert echoed["text"] == "To be" + plain["text"]
+    ids = model.tokenizer.encode(echoed["text"])  # one character a token
+    reference = recomputed_logprobs(model, ids)
+    lp = echoed["logprobs"]
+    assert "".join(lp["tokens"]) == echoed["text"] and lp["text_offset"] == list(range(len(ids)))
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][1:] == pytest.approx([reference[i - 1][ids[i]].item() for i in range(1, len(ids))],
+                                                      abs=1e-5)
+    for i, top in enumerate(lp["top_logprobs"][1:], start=1):
+        values, indices = reference[i - 1].topk(3)
+        assert list(top) == [model.tokenizer.decode([j]) for j in indices.tolist()]
+        assert list(top.values()) == pytest.approx(values.tolist(), abs=1e-5)
+    assert plain["logprobs"]["tokens"] == lp["tokens"][5:] and plain["logprobs"]["text_offset"][0] == 5
+    assert plain["logprobs"]["token_logprobs"] == lp["token_logprobs"][5:]
+
+
+def test_echo_with_no_new_token_scores_the_prompt_alone(client, model):
+    answer = client.post("/v1/completions", json={"prompt": "To be", "max_tokens": 0, "echo": True,
+                                                  "logprobs": 0}).json()
+    [choice] = answer["choices"]
+    ids = model.tokenizer.encode("To be")
+    assert choice["text"] == "To be" and choice["logprobs"]["tokens"] == list("To be")
+    assert choice["logprobs"]["token_logprobs"][1:] == pytest.approx(
+        [lp for lp, _ in model.logprobs(ids)], abs=1e-6)
+    assert answer["usage"] == {"prompt_tokens": 5, "completion_tokens": 0, "total_tokens": 5}
+    chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                     "max_tokens": 0}).json()
+    assert chat["error"]["param"] == "max_tokens"
+
+
+def test_greedy_logprobs_are_the_most_likely_and_a_stop_strings_tokens_are_left_out(client, model):
+    full = model.generate("To be", max_new_tokens=30, temperature=0)
+    stop = full[12:14]
+    answer = client.post("/v1/completions", json={"prompt": "To be", "max_tokens": 30, "temperature": 0,
+                                                  "logprobs": 1, "stop": stop}).json()["choices"][0]
+    assert answer["text"] == full[:full.find(stop)] and "".join(answer["logprobs"]["tokens"]) == answer["text"]
+    for logprob, top in zip(answer["logprobs"]["token_logprobs"], answer["logprobs"]["top_logprobs"]):
+        assert [logprob] == pytest.approx(list(top.values()), abs=1e-6)
+
+
+def test_chat_logprobs_give_each_tokens_bytes_and_alternatives(client, model):
+    body = {"messages": [{"role": "user", "content": "Who goes there?"}], "max_tokens": 15, "seed": 9,
+            "logprobs": True, "top_logprobs": 2}
+    choice = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert "".join(c["token"] for c in content) == choice["message"]["content"] and len(content) == 15
+    assert all(c["bytes"] == list(c["token"].encode()) and len(c["top_logprobs"]) == 2 for c in content)
+    assert all(c["top_logprobs"][0]["logprob"] >= max(c["logprob"], c["top_logprobs"][1]["logprob"])
+               for c in content)
+    alone = {k: v for k, v in body.items() if k != "top_logprobs"}
+    assert client.post("/v1/chat/completions", json=alone).json()["choices"][0]["logprobs"]["content"][0][
+        "top_logprobs"] == []
+    assert client.post("/v1/chat/completions", json={**alone, "logprobs": False}).json()["choices"][0][
+        "logprobs"] is None
+    error = client.post("/v1/chat/completions", json={**body, "logprobs": False}).json()["error"]
+    assert error["param"] == "top_logprobs"
+
+
 def test_a_chats_max_completion_tokens_is_its_max_tokens(client, model):
     messages = [{"role": "user", "content": "Who goes there?"}]
     answer = client.post("/v1/chat/completions", json={"messages": messages, "max_completion_tokens": 7,
@@ -223,7 +306,8 @@ def chat_prompt_text(messages: list[dict]) -> str:
     ({"prompt": ["one", "two"]}, "prompt"),
     ({"prompt": None}, "prompt"),
     ({"model": "gpt-4"}, "model"),
-    ({"logprobs": 2}, "logprobs"),
+    ({"logprobs": 6}, "logprobs"),
+    ({"logprobs": 1, "stream": True}, "logprobs"),
     ({"frequency_penalty": 0.5}, "frequency_penalty"),
     ({"logit_bias": {"5": 10}}, "logit_bias"),
     ({"best_of": 3}, "best_of"),
@@ -324,6 +408,15 @@ def test_the_openai_client_completes_plain_and_streamed(live):
     assert chat.choices[0].message.content == slow.generate("user: Hi\nassistant:", max_new_tokens=5, seed=1)
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model="tiny", prompt="To be", temperature=9)
+    scored = client.completions.create(model="tiny", prompt="To be", max_tokens=1, temperature=0, echo=True,
+                                       logprobs=1)  # how lm-evaluation-harness scores a text
+    assert scored.choices[0].logprobs.tokens == list(scored.choices[0].text) and len(scored.choices[0].text) == 6
+    assert scored.choices[0].logprobs.token_logprobs[0] is None
+    assert all(lp < 0 for lp in scored.choices[0].logprobs.token_logprobs[1:])
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                          max_completion_tokens=4, seed=1, logprobs=True, top_logprobs=3)
+    assert [t.token for t in chat.choices[0].logprobs.content] == list(chat.choices[0].message.content)
+    assert all(len(t.top_logprobs) == 3 for t in chat.choices[0].logprobs.content)
 
 
 BROWSER_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",

@@ -111,20 +111,47 @@ class Model:
         return torch.tensor([ids], dtype=torch.long, device=self.device)
 
     def stream(self, prompt: str, max_new_tokens: int = 200, temperature: float = 1.0, top_k: int | None = None,
-               top_p: float = 1.0, seed: int | None = None, stop: str | Sequence[str] | None = None
-               ) -> Iterator[str]:
-        """The continuation of `prompt`, in text pieces as they are sampled, ending before a stop string."""
+               top_p: float = 1.0, seed: int | None = None, stop: str | Sequence[str] | None = None,
+               sampled: list[int] | None = None) -> Iterator[str]:
+        """The continuation of `prompt`, in text pieces as they are sampled, ending before a stop string.
+        `sampled`, where given, receives the id of each token sampled (a stop string's too)."""
         check_sampling(max_new_tokens, temperature, top_k, top_p)
         idx = self.encode_prompt(prompt)
         generator = seeded_generator(self.device, seed)
-        tokens = (t.item() for t in stream_tokens(self.net, idx, max_new_tokens, temperature=temperature,
-                                                  top_k=top_k, top_p=top_p, generator=generator))
-        yield from stream_text(tokens, self.tokenizer.decode, stop_list(stop))
+
+        def tokens() -> Iterator[int]:
+            for t in stream_tokens(self.net, idx, max_new_tokens, temperature=temperature, top_k=top_k,
+                                   top_p=top_p, generator=generator):
+                if sampled is not None:
+                    sampled.append(t.item())
+                yield t.item()
+
+        yield from stream_text(tokens(), self.tokenizer.decode, stop_list(stop))
 
     def generate(self, prompt: str, max_new_tokens: int = 200, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float = 1.0, seed: int | None = None, stop: str | Sequence[str] | None = None) -> str:
         """The continuation of `prompt` (without the prompt)."""
         return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop))
+
+    @torch.no_grad()
+    def logprobs(self, ids: Sequence[int], start: int = 1, top: int = 0) -> list[tuple[float, list[tuple[int, float]]]]:
+        """For each position i >= start (>= 1) of `ids`: the log-probability of ids[i] after ids[:i], as the model
+        gives it at temperature 1 and sampling sees it (from the last max_context tokens where the positions are
+        learned), with the `top` most likely ids there and theirs."""
+        limit, n = getattr(self.net, "max_context", None), len(ids)
+        tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
+        rows = []  # rows[j]: the log-probabilities of the token after ids[:j + 1]
+        whole = n - 1 if limit is None else min(n - 1, limit)
+        if whole:
+            rows += list(self.net(tokens[:, :whole])[0][0].float().log_softmax(-1))
+        for i in range(whole + 1, n):  # past the position table: the window sampling recomputes
+            rows.append(self.net(tokens[:, i - limit:i])[0][0, -1].float().log_softmax(-1))
+        scored = []
+        for i in range(max(start, 1), n):
+            best = rows[i - 1].topk(min(top, len(rows[i - 1]))) if top else None
+            scored.append((rows[i - 1][ids[i]].item(), [] if best is None else list(
+                zip(best.indices.tolist(), best.values.tolist()))))
+        return scored
 
     @torch.no_grad()
     def perplexity(self, text: str) -> float:

@@ -1,8 +1,9 @@
 """An OpenAI-compatible HTTP API and a web page for one loaded model: `create_app(model)`, run by uvicorn.
 
 Endpoints: GET / (the page), GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions.
-The model is anything with `stream(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop)` yielding text
-pieces, a `tokenizer` with `encode`, and an `info` dict (what `lam.load` returns).
+The model is anything with `stream(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, sampled)`
+yielding text pieces, `logprobs(ids, start, top)`, a `tokenizer` with `encode` and `decode`, and an `info` dict
+(what `lam.load` returns).
 
 Generation runs on a worker thread, one request at a time (a lock: requests queue, none sees another's state);
 pieces reach the event loop through a queue. A streaming client that disconnects stops its generation at the next
@@ -49,9 +50,9 @@ class APIError(Exception):
 DEFAULT_MAX_TOKENS = 16  # OpenAI's completions default
 # OpenAI's fields this server does not implement, and the values that ask for nothing (what their clients send
 # by default); any other value is refused rather than ignored
-UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "frequency_penalty": (None, 0),
-               "presence_penalty": (None, 0), "logit_bias": (None, {}), "best_of": (None, 1), "suffix": (None, ""),
-               "tools": (None, []), "tool_choice": (None, "none"), "response_format": (None, {"type": "text"})}
+UNSUPPORTED = {"frequency_penalty": (None, 0), "presence_penalty": (None, 0), "logit_bias": (None, {}),
+               "best_of": (None, 1), "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"),
+               "response_format": (None, {"type": "text"})}
 
 
 class Sampling(BaseModel):
@@ -61,7 +62,7 @@ class Sampling(BaseModel):
     model_config = ConfigDict(strict=True)
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)  # null: DEFAULT_MAX_TOKENS
+    max_tokens: int | None = Field(None, ge=0)  # null: DEFAULT_MAX_TOKENS; 0 only to score an echoed prompt
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_k: int | None = Field(None, ge=1)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -75,13 +76,15 @@ class Sampling(BaseModel):
     @model_validator(mode="after")
     def token_limit(self) -> Sampling:
         """A chat's max_completion_tokens (OpenAI's newer name) where given, else max_tokens, else the default."""
-        self.max_tokens = getattr(self, "max_completion_tokens", None) or self.max_tokens or DEFAULT_MAX_TOKENS
+        newer = getattr(self, "max_completion_tokens", None)
+        self.max_tokens = newer or (DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens)
         return self
 
 
 class CompletionRequest(Sampling):
     prompt: str | list[str]
     echo: bool = False  # true: the text begins with the prompt
+    logprobs: int | None = Field(None, ge=0, le=5)  # the log-probability of each token, and this many alternatives
 
 
 class Message(BaseModel):
@@ -94,6 +97,8 @@ class Message(BaseModel):
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # where given, it is max_tokens
+    logprobs: bool = False  # the log-probability of each token of the reply
+    top_logprobs: int | None = Field(None, ge=0, le=20)  # with logprobs: this many alternatives at each token
 
 
 async def read_request(request: Request, schema: type[Sampling]) -> Sampling:
@@ -145,6 +150,9 @@ class Server:
         if params.model is not None and params.model != self.model_id:
             raise APIError(404, f"the model {params.model!r} does not exist; this server has {self.model_id!r}",
                            "model", "model_not_found")
+        if params.max_tokens == 0 and not getattr(params, "echo", False):
+            raise APIError(400, "max_tokens must be >= 1 (0 only with echo: true, to score the prompt)",
+                           "max_tokens")
         if params.max_tokens > self.max_tokens:
             field = "max_completion_tokens" if getattr(params, "max_completion_tokens", None) else "max_tokens"
             raise APIError(400, f"{field} is at most {self.max_tokens} on this server, got {params.max_tokens}",
@@ -164,8 +172,24 @@ class Server:
     def count(self, text: str) -> int:
         return len(self.model.tokenizer.encode(text)) if text else 0
 
-    async def pieces(self, prompt: str, params: Sampling) -> AsyncIterator[str]:
-        """The generated text, piece by piece. Closing this iterator (a client gone) stops the worker."""
+    def scored(self, prompt: str, sampled: list[int], text: str, echo: bool, top: int) -> list[dict]:
+        """The tokens of a completion's `text` (after the prompt's, with `echo`), each with its id, its text, its
+        log-probability (None for the first of all: nothing comes before it) and the `top` most likely tokens
+        in its place with theirs."""
+        decode, prompt_ids = self.model.tokenizer.decode, self.model.tokenizer.encode(prompt)
+        kept = next((sampled[:k] for k in range(len(sampled)) if len(decode(sampled[:k])) >= len(text)), sampled)
+        ids, first = prompt_ids + kept, 0 if echo else len(prompt_ids)  # a stop string's tokens are not kept
+        with self.lock:
+            scores = self.model.logprobs(ids, start=max(first, 1), top=top)
+        entries = [{"id": ids[0], "token": decode(ids[:1]), "logprob": None, "top": None}] if first == 0 else []
+        for i, (logprob, best) in zip(range(max(first, 1), len(ids)), scores):
+            entries.append({"id": ids[i], "token": decode([ids[i]]), "logprob": logprob,
+                            "top": [(decode([j]), value) for j, value in best]})
+        return entries
+
+    async def pieces(self, prompt: str, params: Sampling, sampled: list[int] | None = None) -> AsyncIterator[str]:
+        """The generated text, piece by piece; `sampled`, where given, receives the token ids. Closing this
+        iterator (a client gone) stops the worker."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()
@@ -183,9 +207,11 @@ class Server:
                 with self.lock:
                     if cancelled.is_set():
                         return
+                    ids = {} if sampled is None else {"sampled": sampled}
                     for piece in self.model.stream(prompt, max_new_tokens=params.max_tokens,
                                                    temperature=params.temperature, top_k=params.top_k,
-                                                   top_p=params.top_p, seed=seed, stop=stop_strings(params.stop)):
+                                                   top_p=params.top_p, seed=seed, stop=stop_strings(params.stop),
+                                                   **ids):
                         self.pieces_generated += 1
                         put(piece)
                         if cancelled.is_set():
@@ -229,6 +255,25 @@ async def until_disconnected(request: Request, work):
 def finish_reason(server: Server, params: Sampling, text: str) -> str:
     """"length" where the completion used its max_tokens, else "stop" (a stop string or the end of text)."""
     return "length" if server.count(text) >= params.max_tokens else "stop"
+
+
+def completion_logprobs(entries: list[dict], offset: int) -> dict:
+    """OpenAI's logprobs of a text completion; `offset`: where the first entry's text begins in prompt + text."""
+    offsets = [offset]
+    for entry in entries[:-1]:
+        offsets.append(offsets[-1] + len(entry["token"]))
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [None if e["top"] is None else dict(e["top"]) for e in entries],
+            "text_offset": offsets}
+
+
+def chat_logprobs(entries: list[dict]) -> dict:
+    """OpenAI's logprobs of a chat reply: each token with its UTF-8 bytes and its alternatives."""
+    def token(text: str, logprob: float) -> dict:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**token(e["token"], e["logprob"]), "top_logprobs": [token(*t) for t in e["top"]]}
+                        for e in entries]}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -294,11 +339,23 @@ def create_app(model, model_id: str = "lam", max_prompt_tokens: int = 4096, max_
                     "created": created, "model": model_id, "choices": [choice]}
 
         echo = prompt if getattr(params, "echo", False) else ""  # a completion's text may begin with its prompt
+        top = (params.top_logprobs or 0) if chat else params.logprobs
+        if chat and params.top_logprobs is not None and not params.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        scoring = bool(params.logprobs) if chat else params.logprobs is not None
+        if scoring and params.stream:
+            raise APIError(400, "logprobs are given with stream: false only", "logprobs")
         if not params.stream:
-            text = await until_disconnected(request, collect(server.pieces(prompt, params)))
+            sampled = [] if scoring else None
+            text = await until_disconnected(request, collect(server.pieces(prompt, params, sampled)))
             reason = finish_reason(server, params, text)
-            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
-                      if chat else {"index": 0, "text": echo + text, "logprobs": None, "finish_reason": reason})
+            logprobs = None
+            if scoring:
+                entries = await asyncio.to_thread(server.scored, prompt, sampled, text, bool(echo), top)
+                logprobs = chat_logprobs(entries) if chat else completion_logprobs(entries, 0 if echo else len(prompt))
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                       "finish_reason": reason} if chat else
+                      {"index": 0, "text": echo + text, "logprobs": logprobs, "finish_reason": reason})
             return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
                     "model": model_id, "choices": [choice], "usage": usage(prompt_tokens, server.count(text))}
 

@@ -1,8 +1,9 @@
-"""python -m lam.serve model=shakespeare.lam [host=127.0.0.1] [port=8000] [key=value ...]
+"""python -m lam.serve model=shakespeare.lam | ckpt=<run>/checkpoints/best.ckpt [host=127.0.0.1] [port=8000] ...
 
-Serves a model file (lam.export writes one) with uvicorn: a web page at http://host:port/ and an OpenAI-compatible
-API under /v1 (completions, chat completions, models; streaming as server-sent events). The models are not
-instruction-tuned: the chat endpoint continues a plain "role: content" transcript.
+Serves a model file (lam.export writes one) or a checkpoint of lam.train with uvicorn: a web page at
+http://host:port/ and an OpenAI-compatible API under /v1 (completions, chat completions, models; streaming as
+server-sent events). The models are not instruction-tuned: the chat endpoint continues a plain "role: content"
+transcript.
 
 The keys and their defaults are conf/serve.yaml's. They are read with OmegaConf, not Hydra: `model` is also
 Hydra's config group of architectures, so Hydra would take model=FILE for a group choice.
@@ -20,9 +21,9 @@ import uvicorn
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, GrammarParseError
 
-import lam
 from lam.config import config_dir, report_user_errors, set_threads
 from lam.errors import UserError
+from lam.generate import load_model
 from lam.serving.server import create_app
 
 BOUNDS = {"port": (0, 65535), "max_tokens": (1, 10**9), "max_prompt_tokens": (1, 10**9)}
@@ -38,8 +39,9 @@ def read_config(args: list[str]) -> DictConfig:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(args))
     except (ConfigKeyError, GrammarParseError) as e:
         raise UserError(f"{str(e).splitlines()[0]} (keys: {', '.join(cfg)})") from None
-    if missing := OmegaConf.missing_keys(cfg):
-        raise UserError(f"{sorted(missing)[0]}= is required: the model file to serve, e.g. model=shakespeare.lam")
+    if (cfg.model is None) == (cfg.ckpt is None):
+        raise UserError("give the model to serve: model=<file>.lam (from lam.export) or ckpt=<run>/checkpoints/"
+                        "<name>.ckpt, one of them")
     for key, (low, high) in BOUNDS.items():
         if type(cfg[key]) is not int or not low <= cfg[key] <= high:
             raise UserError(f"{key} takes an integer from {low} to {high}, got {cfg[key]!r}")
@@ -85,8 +87,8 @@ def main(args: list[str] | None = None) -> None:
     cfg = read_config(args)
     check_port_free(cfg.host, cfg.port)
     set_threads(cfg.threads)
-    model = lam.load(cfg.model)
-    model_id = cfg.model_id or Path(cfg.model).stem
+    model, _ = load_model(cfg.model, cfg.ckpt)
+    model_id = cfg.model_id or Path(cfg.model or cfg.ckpt).stem
     app = create_app(model, model_id, max_prompt_tokens=cfg.max_prompt_tokens, max_tokens=cfg.max_tokens)
     if not is_loopback(cfg.host):
         print(f"warning: host={cfg.host} serves the model to anyone who can reach this machine on port {cfg.port}; "

@@ -514,7 +514,8 @@ def test_a_phone_sized_viewport_shows_every_control(model, browser, tmp_path):
 
 
 @pytest.mark.parametrize("args, says", [
-    ([], "model= is required"),
+    ([], "give the model to serve: model=<file>.lam"),
+    (["model=m.lam", "ckpt=run/best.ckpt"], "give the model to serve"),
     (["model=m.lam", "port=70000"], "port takes an integer from 0 to 65535"),
     (["model=m.lam", "port=http"], "port takes an integer"),
     (["model=m.lam", "max_tokens=0"], "max_tokens takes an integer from 1"),
@@ -581,6 +582,22 @@ def test_serving_beyond_loopback_warns(model_path, monkeypatch, capsys):
     assert "warning: host=0.0.0.0 serves the model to anyone" in capsys.readouterr().err
 
 
+def test_serve_takes_a_checkpoint_as_the_other_commands_do(model, tmp_path, monkeypatch):
+    import lam.serve
+
+    checkpoint = tmp_path / "best.ckpt"
+    torch.save({"state_dict": {f"net.{k}": v for k, v in model.net.state_dict().items()},
+                "lam": {"config": {"model": CONFIG, "data": {"path": "corpus.txt"}},
+                        "tokenizer": model.tokenizer.state_dict()}}, checkpoint)
+    served = {}
+    monkeypatch.setattr(lam.serve.uvicorn, "run", lambda app, **kwargs: served.update(app=app))
+    lam.serve.main([f"ckpt={checkpoint}", f"port={free_port()}"])
+    client = TestClient(served["app"])
+    assert client.get("/health").json()["model"] == "best"
+    answer = client.post("/v1/completions", json={"prompt": "To be", "max_tokens": 12, "temperature": 0}).json()
+    assert answer["choices"][0]["text"] == model.generate("To be", max_new_tokens=12, temperature=0)
+
+
 def test_serve_refuses_a_port_another_server_holds_before_loading_the_model(model_path, monkeypatch):
     import lam.serve
 
@@ -611,5 +628,6 @@ def test_serve_help_names_every_key():
     page = subprocess.run([sys.executable, "-m", "lam.serve", "--help"], capture_output=True, text=True,
                           timeout=120, check=True).stdout
     assert page.startswith("python -m lam.serve model=")
-    for key in ("model", "model_id", "host", "port", "max_tokens", "max_prompt_tokens", "threads", "log_level"):
+    for key in ("model", "ckpt", "model_id", "host", "port", "max_tokens", "max_prompt_tokens", "threads",
+                "log_level"):
         assert f"\n{key}: " in page, key

@@ -104,7 +104,8 @@ def sample_batch(net: torch.nn.Module, tokenizer: Tokenizer, prompt: str, max_ne
 @hydra.main(version_base="1.3", config_path=str(config_dir() / "apps"), config_name="generate")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
-    check_sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    check_sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                   frequency_penalty=cfg.frequency_penalty, presence_penalty=cfg.presence_penalty)
     check_switches(use_cache=cfg.use_cache, compile=cfg.compile, context_shift=cfg.context_shift)
     if not isinstance(cfg.num_samples, int) or cfg.num_samples < 1:
         raise UserError(f"num_samples must be an integer >= 1, got {cfg.num_samples!r}")
@@ -115,6 +116,7 @@ def main(cfg: DictConfig) -> None:
     generator = torch.Generator(cfg.device).manual_seed(cfg.seed)
     options = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, use_cache=cfg.use_cache,
                    compile=cfg.compile, context_shift=cfg.context_shift, generator=generator,
+                   frequency_penalty=cfg.frequency_penalty, presence_penalty=cfg.presence_penalty,
                    stop=command_line_stops(cfg.stop))
     if cfg.num_samples == 1:
         sample(model.net, model.tokenizer, cfg.prompt, cfg.max_new_tokens, **options)

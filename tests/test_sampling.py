@@ -74,6 +74,8 @@ def test_num_samples_runs_as_one_batch():
     (dict(top_p=0.0), "top_p must be in (0, 1]"),
     (dict(top_p=1.5), "top_p must be in (0, 1]"),
     (dict(top_k=0), "top_k must be an integer >= 1"),
+    (dict(frequency_penalty=2.5), "frequency_penalty must be between -2 and 2"),
+    (dict(presence_penalty="high"), "presence_penalty must be between -2 and 2"),
 ])
 def test_sampling_values_out_of_range_are_refused(args, message):
     values = dict(max_new_tokens=10, temperature=1.0, top_k=None, top_p=1.0) | args
@@ -147,6 +149,31 @@ def test_a_failing_compile_falls_back_to_eager_with_the_same_tokens(monkeypatch)
 
 
 @torch.no_grad()
+def penalized_reference(net, prompt: list[int], n: int, frequency: float, presence: float) -> list[int]:
+    """Greedy tokens with OpenAI's penalties, each step from the whole context recomputed: a token's logit less
+    frequency times its count among the tokens sampled so far, less presence if it is among them."""
+    ids, sampled = list(prompt), []
+    for _ in range(n):
+        logits = net(torch.tensor([ids]))[0][0, -1].tolist()
+        scores = [v - frequency * sampled.count(j) - presence * (j in sampled) for j, v in enumerate(logits)]
+        sampled.append(max(range(len(scores)), key=scores.__getitem__))
+        ids.append(sampled[-1])
+    return sampled
+
+
+@pytest.mark.parametrize("frequency, presence", [(0.8, 0.0), (0.0, 1.5), (0.5, 0.5), (-1.0, 0.0)])
+def test_penalties_lower_the_logits_of_the_tokens_sampled_so_far(frequency, presence):
+    from decoding import context_sensitive_lam
+    from lam.models.attention import LinearAttention
+
+    net = context_sensitive_lam(LinearAttention, "rope")
+    prompt = torch.randint(50, (1, 5), generator=torch.Generator().manual_seed(2))
+    tokens = greedy(net, prompt, 30, frequency_penalty=frequency, presence_penalty=presence)
+    assert tokens == penalized_reference(net, prompt[0].tolist(), 30, frequency, presence)
+    assert tokens != greedy(net, prompt, 30)  # the penalties changed what was picked
+    assert greedy(net, prompt, 30, frequency_penalty=frequency, presence_penalty=presence, use_cache=False) == tokens
+
+
 def shifted_reference(net, prompt: list[int], n: int) -> list[int]:
     """Greedy tokens under llama.cpp's context shift, each from its whole context recomputed: the last
     block_size tokens of the prompt, then, whenever the context outgrows block_size, its last half."""

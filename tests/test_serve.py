@@ -174,6 +174,14 @@ def test_openais_defaults_for_fields_it_does_not_implement_are_accepted(client, 
     assert answer["usage"]["completion_tokens"] == 16
 
 
+def test_penalties_sample_as_the_python_generation_does(client, model):
+    body = {"prompt": "To be", "max_tokens": 40, "temperature": 0, "frequency_penalty": 1.5, "presence_penalty": 0.5}
+    text = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    assert text == model.generate("To be", max_new_tokens=40, temperature=0, frequency_penalty=1.5,
+                                  presence_penalty=0.5)
+    assert text != model.generate("To be", max_new_tokens=40, temperature=0)
+
+
 def test_echo_puts_the_prompt_before_the_completion(client, model):
     body = {"prompt": "To be", "max_tokens": 12, "seed": 4, "echo": True}
     expected = model.generate("To be", max_new_tokens=12, seed=4)
@@ -308,7 +316,8 @@ def chat_prompt_text(messages: list[dict]) -> str:
     ({"model": "gpt-4"}, "model"),
     ({"logprobs": 6}, "logprobs"),
     ({"logprobs": 1, "stream": True}, "logprobs"),
-    ({"frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"frequency_penalty": 2.5}, "frequency_penalty"),
+    ({"presence_penalty": -3}, "presence_penalty"),
     ({"logit_bias": {"5": 10}}, "logit_bias"),
     ({"best_of": 3}, "best_of"),
     ({"suffix": "end"}, "suffix"),

@@ -49,6 +49,13 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     return torch.multinomial(probs, 1, generator=generator)
 
 
+def penalized(logits: torch.Tensor, counts: torch.Tensor, frequency_penalty: float,
+              presence_penalty: float) -> torch.Tensor:
+    """OpenAI's penalties on (B, vocab) logits: each token's logit lowered by frequency_penalty times the times
+    it was sampled so far (`counts`), and by presence_penalty once it was; negative values favour repeats."""
+    return logits - frequency_penalty * counts - presence_penalty * (counts > 0)
+
+
 def context_begin(length: int, limit: int, context_shift: bool, started: bool) -> int:
     """Where a context of `length` tokens that outgrew `limit` begins again: `limit` tokens back, or with
     context_shift once a state has started, half of that (at least one token)."""
@@ -58,9 +65,10 @@ def context_begin(length: int, limit: int, context_shift: bool, started: bool) -
 @torch.no_grad()
 def stream(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
            top_k: int | None = None, top_p: float = 1.0, use_cache: bool = True,
-           generator: torch.Generator | None = None, compile: bool = False,
-           context_shift: bool = False) -> Iterator[torch.Tensor]:
-    """Yield (B, 1) new token ids one step at a time, continuing the (B, T) prompt `idx`.
+           generator: torch.Generator | None = None, compile: bool = False, context_shift: bool = False,
+           frequency_penalty: float = 0.0, presence_penalty: float = 0.0) -> Iterator[torch.Tensor]:
+    """Yield (B, 1) new token ids one step at a time, continuing the (B, T) prompt `idx`. The penalties count
+    the tokens sampled, not the prompt's (`penalized`).
 
     context_shift: what a model with learned positions does once the context fills its `max_context`. False:
     every step sees the last max_context tokens, recomputed (nanoGPT's generate). True: the context restarts
@@ -69,6 +77,7 @@ def stream(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature
     limit = getattr(model, "max_context", None)
     step = compiled_step(model) if compile and use_cache else model
     seq, state, begin = idx, None, 0  # the model sees seq[:, begin:]
+    counts = None  # (B, vocab): how often each token was sampled, where a penalty asks for it
     for i in range(max_new_tokens):
         if limit is not None and seq.shape[1] - begin > limit:  # the window outgrew the position table
             begin = context_begin(seq.shape[1], limit, context_shift, state is not None)
@@ -90,7 +99,13 @@ def stream(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature
                               f"{str(e).splitlines()[0] if str(e) else ''}); decoding eagerly", stacklevel=2)
                 step = COMPILED[model] = model
                 logits, state = model(window)  # from the tokens alone: the failed call may have left the state
-        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+        last = logits[:, -1]
+        if frequency_penalty or presence_penalty:
+            counts = torch.zeros_like(last, dtype=torch.float) if counts is None else counts
+            last = penalized(last.float(), counts, frequency_penalty, presence_penalty)
+        nxt = sample_next(last, temperature, top_k, top_p, generator)
+        if counts is not None:
+            counts.scatter_add_(1, nxt, torch.ones_like(nxt, dtype=counts.dtype))
         seq = torch.cat((seq, nxt), dim=1)
         yield nxt
 

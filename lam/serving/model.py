@@ -24,7 +24,8 @@ from lam.serving import model_file
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float,
-                   allow_zero_tokens: bool = True) -> None:
+                   allow_zero_tokens: bool = True, frequency_penalty: float = 0.0,
+                   presence_penalty: float = 0.0) -> None:
     """A UserError naming the first sampling parameter out of its range."""
     least = 0 if allow_zero_tokens else 1
     if not isinstance(max_new_tokens, int) or max_new_tokens < least:
@@ -35,6 +36,9 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
         raise UserError(f"top_k must be an integer >= 1, or null for all tokens, got {top_k!r}")
     if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         raise UserError(f"top_p must be in (0, 1] (1: all tokens), got {top_p!r}")
+    for name, penalty in (("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)):
+        if not isinstance(penalty, (int, float)) or isinstance(penalty, bool) or not -2 <= penalty <= 2:
+            raise UserError(f"{name} must be between -2 and 2 (0: none), got {penalty!r}")
 
 
 def check_switches(**switches) -> None:
@@ -112,16 +116,20 @@ class Model:
 
     def stream(self, prompt: str, max_new_tokens: int = 200, temperature: float = 1.0, top_k: int | None = None,
                top_p: float = 1.0, seed: int | None = None, stop: str | Sequence[str] | None = None,
-               sampled: list[int] | None = None) -> Iterator[str]:
+               sampled: list[int] | None = None, frequency_penalty: float = 0.0,
+               presence_penalty: float = 0.0) -> Iterator[str]:
         """The continuation of `prompt`, in text pieces as they are sampled, ending before a stop string.
-        `sampled`, where given, receives the id of each token sampled (a stop string's too)."""
-        check_sampling(max_new_tokens, temperature, top_k, top_p)
+        `sampled`, where given, receives the id of each token sampled (a stop string's too). The penalties
+        (-2 to 2) lower the logits of the tokens already sampled, as OpenAI's do."""
+        check_sampling(max_new_tokens, temperature, top_k, top_p, frequency_penalty=frequency_penalty,
+                       presence_penalty=presence_penalty)
         idx = self.encode_prompt(prompt)
         generator = seeded_generator(self.device, seed)
 
         def tokens() -> Iterator[int]:
             for t in stream_tokens(self.net, idx, max_new_tokens, temperature=temperature, top_k=top_k,
-                                   top_p=top_p, generator=generator):
+                                   top_p=top_p, generator=generator, frequency_penalty=frequency_penalty,
+                                   presence_penalty=presence_penalty):
                 if sampled is not None:
                     sampled.append(t.item())
                 yield t.item()
@@ -129,9 +137,11 @@ class Model:
         yield from stream_text(tokens(), self.tokenizer.decode, stop_list(stop))
 
     def generate(self, prompt: str, max_new_tokens: int = 200, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float = 1.0, seed: int | None = None, stop: str | Sequence[str] | None = None) -> str:
+                 top_p: float = 1.0, seed: int | None = None, stop: str | Sequence[str] | None = None,
+                 frequency_penalty: float = 0.0, presence_penalty: float = 0.0) -> str:
         """The continuation of `prompt` (without the prompt)."""
-        return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop))
+        return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop,
+                                   frequency_penalty=frequency_penalty, presence_penalty=presence_penalty))
 
     @torch.no_grad()
     def logprobs(self, ids: Sequence[int], start: int = 1, top: int = 0) -> list[tuple[float, list[tuple[int, float]]]]:

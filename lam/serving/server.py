@@ -50,9 +50,8 @@ class APIError(Exception):
 DEFAULT_MAX_TOKENS = 16  # OpenAI's completions default
 # OpenAI's fields this server does not implement, and the values that ask for nothing (what their clients send
 # by default); any other value is refused rather than ignored
-UNSUPPORTED = {"frequency_penalty": (None, 0), "presence_penalty": (None, 0), "logit_bias": (None, {}),
-               "best_of": (None, 1), "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"),
-               "response_format": (None, {"type": "text"})}
+UNSUPPORTED = {"logit_bias": (None, {}), "best_of": (None, 1), "suffix": (None, ""), "tools": (None, []),
+               "tool_choice": (None, "none"), "response_format": (None, {"type": "text"})}
 
 
 class Sampling(BaseModel):
@@ -66,6 +65,8 @@ class Sampling(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_k: int | None = Field(None, ge=1)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)  # per time a token was sampled; null: 0
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)  # once a token was sampled; null: 0
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
     n: Literal[1] = 1
@@ -211,7 +212,8 @@ class Server:
                     for piece in self.model.stream(prompt, max_new_tokens=params.max_tokens,
                                                    temperature=params.temperature, top_k=params.top_k,
                                                    top_p=params.top_p, seed=seed, stop=stop_strings(params.stop),
-                                                   **ids):
+                                                   frequency_penalty=params.frequency_penalty or 0.0,
+                                                   presence_penalty=params.presence_penalty or 0.0, **ids):
                         self.pieces_generated += 1
                         put(piece)
                         if cancelled.is_set():

@@ -21,7 +21,7 @@ from lam.models import stream
 from lam.models.lora import merge_lora_weights
 from lam.models.sampling import stream_text
 from lam.serving.build import build
-from lam.serving.model import Model, check_sampling, check_switches, stop_list
+from lam.serving.model import Model, check_sampling, check_switches, seeded_generator, stop_list
 from lam.training.checkpoint import read_checkpoint
 
 
@@ -110,10 +110,11 @@ def main(cfg: DictConfig) -> None:
     if not isinstance(cfg.num_samples, int) or cfg.num_samples < 1:
         raise UserError(f"num_samples must be an integer >= 1, got {cfg.num_samples!r}")
     set_threads(cfg.threads)
+    check_device(cfg.device)
+    generator = seeded_generator(cfg.device, cfg.seed)
     model, source = load_model(cfg.model, cfg.ckpt, cfg.device)
     if cfg.tokenizer_file:
         check_same_tokenizer(cfg.tokenizer_file, model.tokenizer, source)
-    generator = torch.Generator(cfg.device).manual_seed(cfg.seed)
     options = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, use_cache=cfg.use_cache,
                    compile=cfg.compile, context_shift=cfg.context_shift, generator=generator,
                    frequency_penalty=cfg.frequency_penalty, presence_penalty=cfg.presence_penalty,

@@ -217,6 +217,10 @@ def test_export_cli_writes_the_file_and_names_it(tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"wrote {tmp_path / 'x.lam'}" in result.stdout and lam.load(tmp_path / "x.lam").info["attention"] == \
         "Retention"
+    result = subprocess.run([sys.executable, "-m", "lam.generate", f"model={tmp_path / 'x.lam'}", "seed=null",
+                             "max_new_tokens=5", "prompt=the"], capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # a fresh seed
+    assert result.returncode == 0 and result.stdout.startswith("the"), result.stderr
     result = subprocess.run([sys.executable, "-m", "lam.export", f"ckpt={ckpt}", f"out={tmp_path}/no/x.lam"],
                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 1 and result.stderr.strip() == f"error: out={tmp_path}/no/x.lam: folder " \

@@ -83,6 +83,17 @@ def test_sampling_values_out_of_range_are_refused(args, message):
         check_sampling(**values)
 
 
+def test_a_seed_is_an_integer_or_null_for_a_fresh_one():
+    from lam.serving.model import seeded_generator
+
+    assert seeded_generator(torch.device("cpu"), 5).initial_seed() == 5
+    fresh = seeded_generator(torch.device("cpu"), None).initial_seed(), seeded_generator("cpu", None).initial_seed()
+    assert fresh[0] != fresh[1]
+    for bad in ("abc", True, 1.5):
+        with pytest.raises(UserError, match="^seed must be an integer, or null for a fresh one"):
+            seeded_generator("cpu", bad)
+
+
 @pytest.mark.parametrize("switches, message", [
     (dict(compile="maybe"), "compile must be true or false, got 'maybe'"),
     (dict(use_cache=True, context_shift=1), "context_shift must be true or false, got 1"),
@@ -96,6 +107,8 @@ def test_switches_that_are_not_true_or_false_are_refused(switches, message):
 @pytest.mark.parametrize("override, message", [
     ("top_k=0", "top_k must be an integer >= 1, or null for all tokens, got 0"),
     ("compile=maybe", "compile must be true or false, got 'maybe'"),
+    ("seed=abc", "seed must be an integer, or null for a fresh one, got 'abc'"),
+    ("frequency_penalty=-2.5", "frequency_penalty must be between -2 and 2 (0: none), got -2.5"),
 ])
 def test_generate_refuses_a_bad_value_in_one_line_before_loading(tmp_path, override, message):
     result = subprocess.run([sys.executable, "-m", "lam.generate", "ckpt=missing.ckpt", override],

@@ -57,6 +57,8 @@ def text_only(text: str, name: str) -> str:
 
 def seeded_generator(device: torch.device, seed: int | None) -> torch.Generator:
     """A generator for sampling on `device`, seeded with `seed` (None: a fresh random seed)."""
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise UserError(f"seed must be an integer, or null for a fresh one, got {seed!r}")
     generator = torch.Generator(device)
     if seed is None:
         generator.seed()

@@ -178,8 +178,10 @@ class Server:
         log-probability (None for the first of all: nothing comes before it) and the `top` most likely tokens
         in its place with theirs."""
         decode, prompt_ids = self.model.tokenizer.decode, self.model.tokenizer.encode(prompt)
-        kept = next((sampled[:k] for k in range(len(sampled)) if len(decode(sampled[:k])) >= len(text)), sampled)
-        ids, first = prompt_ids + kept, 0 if echo else len(prompt_ids)  # a stop string's tokens are not kept
+        kept = sampled
+        if len(decode(sampled)) > len(text):  # a stop string cut the text: its tokens are not kept
+            kept = next(sampled[:k] for k in range(len(sampled)) if len(decode(sampled[:k])) >= len(text))
+        ids, first = prompt_ids + kept, 0 if echo else len(prompt_ids)
         with self.lock:
             scores = self.model.logprobs(ids, start=max(first, 1), top=top)
         entries = [{"id": ids[0], "token": decode(ids[:1]), "logprob": None, "top": None}] if first == 0 else []

@@ -74,6 +74,8 @@ VALUE_CHECKS = [
      "the training process)"),
     ("scheduler.warmup_steps", lambda v: is_positive_int(v) or v == 0, "must be an integer >= 0"),
     ("scheduler.min_lr_ratio", lambda v: is_number(v) and 0 <= v <= 1, "must be between 0 and 1 (of optim.lr)"),
+    ("scheduler.decay_fraction", lambda v: is_number(v) and 0 < v <= 1, "must be in (0, 1] (the share of the run "
+     "over which lr decays)"),
     ("trainer.gradient_clip_val", lambda v: is_number(v) and v >= 0, "must be >= 0, or null for no clipping"),
     ("compile", lambda v: isinstance(v, bool), "must be true or false"),
     ("trainer.enable_progress_bar", lambda v: isinstance(v, bool), "must be true or false"),

@@ -74,13 +74,14 @@ def chat(session: Session, read=input, write=print) -> None:
 @hydra.main(version_base="1.3", config_path=str(config_dir() / "apps"), config_name="chat")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
-    check_sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, allow_zero_tokens=False)
+    check_sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, allow_zero_tokens=False,
+                   frequency_penalty=cfg.frequency_penalty, presence_penalty=cfg.presence_penalty)
     check_switches(context_shift=cfg.context_shift)
     set_threads(cfg.threads)
     model, source = load_model(cfg.model, cfg.ckpt, cfg.device)
     stop = command_line_stops(cfg.stop)
     session = Session(model, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, stop, cfg.seed,
-                      cfg.context_shift)
+                      cfg.context_shift, cfg.frequency_penalty, cfg.presence_penalty)
     print(f"{source}: {model.summary()}; {HELP}")
     chat(session)
 

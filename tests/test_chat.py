@@ -32,8 +32,10 @@ def model(attention, pos: str, block_size: int = 256) -> Model:
     return Model(net.double(), TOKENIZER, {})  # float64: cached and recomputed logits agree far past an argmax tie
 
 
-def recomputed(m: Model, turns: list[str], new_tokens: int) -> list[list[int]]:
-    """Each turn's greedy tokens, from the whole transcript (its last block_size tokens) at every step."""
+def recomputed(m: Model, turns: list[str], new_tokens: int, frequency: float = 0.0,
+               presence: float = 0.0) -> list[list[int]]:
+    """Each turn's greedy tokens, from the whole transcript (its last block_size tokens) at every step; a logit
+    less `frequency` times its count among the reply's tokens so far, less `presence` if it is among them."""
     ids, replies = [], []
     with torch.no_grad():
         for text in turns:
@@ -41,7 +43,9 @@ def recomputed(m: Model, turns: list[str], new_tokens: int) -> list[list[int]]:
             reply = []
             for _ in range(new_tokens):
                 context = ids[-m.net.max_context:] if m.net.max_context else ids
-                reply.append(int(m.net(torch.tensor([context]))[0][0, -1].argmax()))
+                logits = m.net(torch.tensor([context]))[0][0, -1].tolist()
+                scores = [v - frequency * reply.count(j) - presence * (j in reply) for j, v in enumerate(logits)]
+                reply.append(max(range(len(scores)), key=scores.__getitem__))
                 ids.append(reply[-1])
             replies.append(reply)
     return replies
@@ -56,6 +60,18 @@ def test_three_turns_give_the_tokens_of_the_whole_transcript(attention, pos, blo
     replies = [list(session.tokens(text)) for text in TURNS]
     assert replies == recomputed(m, TURNS, 12)
     assert len(session.ids) > block_size or pos == "rope"
+
+
+@pytest.mark.parametrize("frequency, presence", [(0.8, 0.0), (0.0, 1.5), (-1.0, 0.5)])
+def test_penalties_count_the_tokens_of_each_reply(frequency, presence):
+    m = model(SoftmaxAttention, "rope")
+    with torch.no_grad():
+        for p in m.net.parameters():  # larger weights than the init's: replies of varied tokens, not one repeated
+            p.mul_(8)
+    session = Session(m, max_new_tokens=20, temperature=0, frequency_penalty=frequency, presence_penalty=presence)
+    replies = [list(session.tokens(text)) for text in TURNS]
+    assert replies == recomputed(m, TURNS, 20, frequency, presence)
+    assert replies != recomputed(m, TURNS, 20)  # the penalties changed what was picked
 
 
 def shifted(m: Model, turns: list[str], new_tokens: int) -> list[list[int]]:

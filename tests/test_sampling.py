@@ -104,14 +104,15 @@ def test_switches_that_are_not_true_or_false_are_refused(switches, message):
     check_switches(use_cache=True, compile=False, context_shift=True)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("top_k=0", "top_k must be an integer >= 1, or null for all tokens, got 0"),
-    ("compile=maybe", "compile must be true or false, got 'maybe'"),
-    ("seed=abc", "seed must be an integer, or null for a fresh one, got 'abc'"),
-    ("frequency_penalty=-2.5", "frequency_penalty must be between -2 and 2 (0: none), got -2.5"),
+@pytest.mark.parametrize("app, override, message", [
+    ("generate", "top_k=0", "top_k must be an integer >= 1, or null for all tokens, got 0"),
+    ("generate", "compile=maybe", "compile must be true or false, got 'maybe'"),
+    ("generate", "seed=abc", "seed must be an integer, or null for a fresh one, got 'abc'"),
+    ("generate", "frequency_penalty=-2.5", "frequency_penalty must be between -2 and 2 (0: none), got -2.5"),
+    ("chat", "presence_penalty=3", "presence_penalty must be between -2 and 2 (0: none), got 3"),
 ])
-def test_generate_refuses_a_bad_value_in_one_line_before_loading(tmp_path, override, message):
-    result = subprocess.run([sys.executable, "-m", "lam.generate", "ckpt=missing.ckpt", override],
+def test_generate_and_chat_refuse_a_bad_value_in_one_line_before_loading(tmp_path, app, override, message):
+    result = subprocess.run([sys.executable, "-m", f"lam.{app}", "ckpt=missing.ckpt", override],
                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: {message}"

@@ -13,19 +13,21 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from lam.models.sampling import context_begin, sample_next, stream_text
+from lam.models.sampling import context_begin, penalized, sample_next, stream_text
 from lam.serving.model import Model, check_sampling, seeded_generator, stop_list
 
 
 class Session:
     """The transcript of a conversation with `model` and the state that has read it. Sampling settings are
-    attributes, changeable between turns; context_shift: as `lam.models.sampling.stream`'s."""
+    attributes, changeable between turns; the penalties count the tokens of the reply being sampled (as
+    `lam.models.sampling.stream`'s count a sample's); context_shift: as stream's."""
 
     def __init__(self, model: Model, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int | None = None,
                  top_p: float = 1.0, stop: str | Sequence[str] | None = None, seed: int | None = None,
-                 context_shift: bool = False):
+                 context_shift: bool = False, frequency_penalty: float = 0.0, presence_penalty: float = 0.0):
         self.model, self.context_shift = model, context_shift
         self.max_new_tokens, self.temperature, self.top_k, self.top_p = max_new_tokens, temperature, top_k, top_p
+        self.frequency_penalty, self.presence_penalty = frequency_penalty, presence_penalty
         self.stop = stop_list(stop)
         self.generator = seeded_generator(model.device, seed)
         self.reset()
@@ -51,13 +53,21 @@ class Session:
         self.ids += self.model.tokenizer.encode(text)
         if not self.ids:
             return
+        counts = None  # (1, vocab): how often each token was sampled in this reply, where a penalty asks for it
         for _ in range(self.max_new_tokens):
-            token = int(sample_next(self.next_logits(), self.temperature, self.top_k, self.top_p, self.generator))
+            logits = self.next_logits()
+            if self.frequency_penalty or self.presence_penalty:
+                counts = torch.zeros_like(logits, dtype=torch.float) if counts is None else counts
+                logits = penalized(logits.float(), counts, self.frequency_penalty, self.presence_penalty)
+            token = int(sample_next(logits, self.temperature, self.top_k, self.top_p, self.generator))
+            if counts is not None:
+                counts[0, token] += 1
             self.ids.append(token)  # read by the state with the next step, or the next turn
             yield token
 
     def turn(self, text: str) -> Iterator[str]:
         """Add `text` to the transcript and yield the continuation in pieces, ending before a stop string (the
         tokens sampled stay in the transcript)."""
-        check_sampling(self.max_new_tokens, self.temperature, self.top_k, self.top_p)
+        check_sampling(self.max_new_tokens, self.temperature, self.top_k, self.top_p,
+                       frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty)
         yield from stream_text(self.tokens(text), self.model.tokenizer.decode, self.stop)

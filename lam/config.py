@@ -81,11 +81,30 @@ def compose_train(overrides: list[str], output_dir: str | Path) -> DictConfig:
     to `lam.train.train` (for tests, benchmarks and notebooks): Hydra's own config is set, so ${hydra:...}
     resolves (the wandb run's name reads the group choices), and left out of the tree."""
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"], return_hydra_config=True)
+        try:
+            cfg = compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"], return_hydra_config=True)
+        except HydraException as e:
+            raise composition_error(e) from None
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg
+
+
+def composition_error(exc: HydraException) -> UserError:
+    """Hydra's refusal of an override (a key the config lacks, a group option that is not there, a value its
+    grammar cannot read), in one line."""
+    text = str(exc)
+    if found := re.search(r"Could not override '([^']+)'", text):
+        key = found.group(1)
+        hint = "it is a key of data=custom: add data=custom" if key == "data.path" else \
+            "python -m lam.train --cfg job prints the keys there are"
+        return UserError(f"{key} is not a key of this config; {hint}")
+    if found := re.search(r"Could not find '([^']+)/([^'/]+)'", text):
+        options = re.search(r"Available options in '[^']+':\n((?:\t.*\n?)*)", text)
+        listed = ", ".join(options.group(1).split()) if options else "none"
+        return UserError(f"{found.group(1)}={found.group(2)} is not an option of conf/{found.group(1)}/: {listed}")
+    return UserError(f"cannot read the overrides: {text.splitlines()[0]}")
 
 
 def user_error(exc: BaseException) -> UserError | None:

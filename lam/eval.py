@@ -3,9 +3,9 @@
 Loss, perplexity and bits per character of a model on a corpus's validation split, by the protocol of training's
 validation: the data module's windows (data.eval_batches x data.batch_size, spread evenly over the split, of the
 model's block size unless data.block_size says otherwise), the mean next-token loss over their tokens. Keys other
-than model, ckpt, out and device are overrides of lam.train's config (data=..., data.path=..., data.*); with
-neither data= nor data.path=, the corpus is the one the model's record names. It is encoded with the model's own
-tokenizer. Prints one line and writes the numbers to `out` as JSON.
+than model, ckpt, out and device are overrides of lam.train's config (data=..., data.path=..., data.*); a
+data.path= alone is a custom corpus, and with neither data= nor data.path= the corpus is the one the model's
+record names. It is encoded with the model's own tokenizer. Prints one line and writes the numbers to `out` as JSON.
 """
 
 from __future__ import annotations
@@ -84,7 +84,10 @@ def run(argv: list[str]) -> dict:
     own, overrides = parse(argv)
     out = output_file(own["out"], "eval.json")
     model, source = load_model(own["model"], own["ckpt"], own["device"])
-    if not any(override_key(o) in ("data", "data.path") for o in overrides):
+    keys = {override_key(o) for o in overrides}
+    if "data.path" in keys and "data" not in keys:  # a path is a custom corpus
+        overrides = ["data=custom", *overrides]
+    elif not keys & {"data", "data.path"}:
         overrides = [*training_corpus(model, source), *overrides]
     if not any(override_key(o) == "data.block_size" for o in overrides) and model.info["block_size"]:
         overrides.append(f"data.block_size={model.info['block_size']}")

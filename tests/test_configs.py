@@ -8,13 +8,13 @@ import zipfile
 
 import pytest
 from hydra import compose, initialize_config_dir
-from hydra.errors import ConfigCompositionException
 from hydra.utils import get_object, instantiate
 from omegaconf import OmegaConf
 
 from helpers import compose_train
 from lam.training.runs import flatten
 from lam.config import config_dir
+from lam.errors import UserError
 from lam.training.precision import AUTO, cpu_precision
 
 CONF = config_dir()
@@ -98,9 +98,16 @@ def test_every_experiment_sets_its_values_and_builds(experiment, tmp_path):
     assert sum(p.numel() for p in net.parameters()) > 0
 
 
-def test_unknown_group_option_is_a_composition_error(tmp_path):
-    with pytest.raises(ConfigCompositionException, match="attention"):
+def test_unknown_group_option_or_key_is_one_line(tmp_path):
+    with pytest.raises(UserError, match=r"^attention=quadratic is not an option of conf/attention/: gated, linear, "
+                                        r"retention, softmax, window$"):
         compose_train(["attention=quadratic"], tmp_path)
+    with pytest.raises(UserError, match=r"^model.depth is not a key of this config; python -m lam.train --cfg job "):
+        compose_train(["model.depth=3"], tmp_path)
+    with pytest.raises(UserError, match=r"^data.path is not a key of this config; it is a key of data=custom"):
+        compose_train(["data.path=x.txt"], tmp_path)
+    with pytest.raises(UserError, match=r"^cannot read the overrides: "):
+        compose_train(["trainer.max_steps=[1"], tmp_path)
 
 
 @pytest.fixture(scope="module")

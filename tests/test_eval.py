@@ -47,6 +47,31 @@ def test_eval_loss_on_the_runs_validation_split_is_its_final_val_loss(trained, c
     assert json.loads((tmp_path / "c.json").read_text())["loss"] == result["loss"]
 
 
+def test_a_data_path_alone_is_a_custom_corpus(trained, corpus, tmp_path):
+    """The record's corpus is given up for the path: a file of other text (the corpus backwards) gives another
+    loss."""
+    other = tmp_path / "other.txt"
+    other.write_text(corpus.read_text()[::-1])
+    export(trained / "checkpoints" / "last.ckpt", tmp_path / "m.lam")
+    main([f"model={tmp_path / 'm.lam'}", f"data.path={other}", *DATA, f"out={tmp_path / 'p.json'}"])
+    main([f"model={tmp_path / 'm.lam'}", "data=custom", f"data.path={other}", *DATA, f"out={tmp_path / 'c.json'}"])
+    main([f"model={tmp_path / 'm.lam'}", *DATA, f"out={tmp_path / 'r.json'}"])
+    loss = json.loads((tmp_path / "p.json").read_text())["loss"]
+    assert loss == json.loads((tmp_path / "c.json").read_text())["loss"]
+    assert loss != json.loads((tmp_path / "r.json").read_text())["loss"]
+
+
+def test_an_override_the_config_cannot_take_is_one_line(trained, tmp_path, capsys):
+    export(trained / "checkpoints" / "last.ckpt", tmp_path / "m.lam")
+    for override, message in [("bogus=1", "bogus is not a key of this config; python -m lam.train --cfg job "
+                                          "prints the keys there are"),
+                              ("data=nope", "data=nope is not an option of conf/data/: custom, shakespeare, stan")]:
+        with pytest.raises(SystemExit) as exit:
+            main([f"model={tmp_path / 'm.lam'}", override, f"out={tmp_path / 'e.json'}"])
+        assert exit.value.code == 1 and capsys.readouterr().err.strip() == f"error: {message}"
+    assert not (tmp_path / "e.json").exists()
+
+
 def test_eval_refuses_both_or_neither_model_and_ckpt(tmp_path, capsys):
     for argv in ([], ["model=a.lam", "ckpt=b.ckpt"]):
         with pytest.raises(SystemExit) as exit:

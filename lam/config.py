@@ -169,14 +169,26 @@ def override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def command_line(*text_keys: str) -> Callable:
+def path_is_custom(overrides: list[str]) -> list[str]:
+    """The overrides, with data=custom added where a data.path= comes without a data=: only the custom corpus
+    reads a path (the others read their download)."""
+    keys = [override_key(o) if "=" in o and not o.startswith("-") else None for o in overrides]  # flags: None
+    if "data.path" not in keys or "data" in keys:
+        return overrides
+    at = keys.index("data.path") + 1  # beside it: argparse reads Hydra's overrides as one run of arguments
+    return [*overrides[:at], "data=custom", *overrides[at:]]
+
+
+def command_line(*text_keys: str, corpus: bool = False) -> Callable:
     """For a `hydra.main` entry point: quote its command line's values with `quote_overrides` before Hydra
-    reads them."""
+    reads them; with `corpus` (commands that compose train.yaml's data) a data.path= alone is a custom corpus
+    (`path_is_custom`)."""
 
     def decorate(main: Callable) -> Callable:
         @wraps(main)
         def run(*args, **kwargs):
-            sys.argv[1:] = quote_overrides(sys.argv[1:], text_keys)
+            argv = quote_overrides(sys.argv[1:], text_keys)
+            sys.argv[1:] = path_is_custom(argv) if corpus else argv
             return main(*args, **kwargs)
 
         return run

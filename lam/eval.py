@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from lam.config import (compose_train, config_dir, hydra_quoted, output_file, override_key, quote_overrides,
-                        report_user_errors)
+from lam.config import (compose_train, config_dir, hydra_quoted, output_file, override_key, path_is_custom,
+                        quote_overrides, report_user_errors)
 from lam.errors import UserError
 from lam.data.corpora import corpus_name
 from lam.generate import load_model
@@ -84,11 +84,9 @@ def run(argv: list[str]) -> dict:
     own, overrides = parse(argv)
     out = output_file(own["out"], "eval.json")
     model, source = load_model(own["model"], own["ckpt"], own["device"])
-    keys = {override_key(o) for o in overrides}
-    if "data.path" in keys and "data" not in keys:  # a path is a custom corpus
-        overrides = ["data=custom", *overrides]
-    elif not keys & {"data", "data.path"}:
+    if not any(override_key(o) in ("data", "data.path") for o in overrides):
         overrides = [*training_corpus(model, source), *overrides]
+    overrides = path_is_custom(overrides)
     if not any(override_key(o) == "data.block_size" for o in overrides) and model.info["block_size"]:
         overrides.append(f"data.block_size={model.info['block_size']}")
     with tempfile.TemporaryDirectory() as folder:

@@ -33,7 +33,7 @@ def statistics(meta: dict, title: str) -> Table:
     return table
 
 
-@command_line()
+@command_line(corpus=True)
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="prepare")
 @report_user_errors
 def main(cfg: DictConfig) -> None:

@@ -289,7 +289,7 @@ def log_failure_to_file(exc: BaseException) -> None:
             handler.handle(record)
 
 
-@command_line()
+@command_line(corpus=True)
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 @report_user_errors
 def main(cfg: DictConfig) -> float | None:

@@ -9,6 +9,7 @@ import torch
 
 import lam
 from helpers import TINY, compose_train
+from lam.config import path_is_custom
 from lam.errors import UserError
 from lam.export import export
 from lam.generate import load_checkpoint, load_model
@@ -156,6 +157,14 @@ def test_cli_unknown_config_option_is_hydra_error(tmp_path):
     for group in ("experiment", "hparams_search"):  # preset groups too, which are empty by default
         with pytest.raises(UserError, match=f"^{group}=nope is not an option of conf/{group}/: "):
             compose_train([f"{group}=nope"], tmp_path / "run")
+
+
+def test_a_data_path_alone_is_a_custom_corpus(tmp_path):
+    assert path_is_custom(["-m", "data.path=x.txt", "seed=1"]) == ["-m", "data.path=x.txt", "data=custom", "seed=1"]
+    assert path_is_custom(["data=stan", "data.path=x.txt"]) == ["data=stan", "data.path=x.txt"]
+    assert path_is_custom(["seed=1"]) == ["seed=1"]
+    result = cli("lam.train", "data.path=x.txt", "--cfg", "job", "--package", "data", cwd=tmp_path)
+    assert result.returncode == 0 and "TextDataModule.from_path" in result.stdout and "path: x.txt" in result.stdout
 
 
 def test_resuming_another_attention_or_depth_names_the_differing_keys(tmp_path, corpus):

@@ -56,6 +56,21 @@ def penalized(logits: torch.Tensor, counts: torch.Tensor, frequency_penalty: flo
     return logits - frequency_penalty * counts - presence_penalty * (counts > 0)
 
 
+def sample_penalized(logits: torch.Tensor, counts: torch.Tensor | None, frequency_penalty: float,
+                     presence_penalty: float, temperature: float, top_k: int | None, top_p: float,
+                     generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """sample_next on (B, vocab) logits after the penalties over `counts` (how often each token was sampled so
+    far; None before the first), and the counts with the sampled tokens added: (B, 1) ids and (B, vocab)
+    counts, or None while no penalty asks for them."""
+    if frequency_penalty or presence_penalty:
+        counts = torch.zeros_like(logits, dtype=torch.float) if counts is None else counts
+        logits = penalized(logits.float(), counts, frequency_penalty, presence_penalty)
+    nxt = sample_next(logits, temperature, top_k, top_p, generator)
+    if counts is not None:
+        counts.scatter_add_(1, nxt, torch.ones_like(nxt, dtype=counts.dtype))
+    return nxt, counts
+
+
 def context_begin(length: int, limit: int, context_shift: bool, started: bool) -> int:
     """Where a context of `length` tokens that outgrew `limit` begins again: `limit` tokens back, or with
     context_shift once a state has started, half of that (at least one token)."""
@@ -99,13 +114,8 @@ def stream(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature
                               f"{str(e).splitlines()[0] if str(e) else ''}); decoding eagerly", stacklevel=2)
                 step = COMPILED[model] = model
                 logits, state = model(window)  # from the tokens alone: the failed call may have left the state
-        last = logits[:, -1]
-        if frequency_penalty or presence_penalty:
-            counts = torch.zeros_like(last, dtype=torch.float) if counts is None else counts
-            last = penalized(last.float(), counts, frequency_penalty, presence_penalty)
-        nxt = sample_next(last, temperature, top_k, top_p, generator)
-        if counts is not None:
-            counts.scatter_add_(1, nxt, torch.ones_like(nxt, dtype=counts.dtype))
+        nxt, counts = sample_penalized(logits[:, -1], counts, frequency_penalty, presence_penalty, temperature,
+                                       top_k, top_p, generator)
         seq = torch.cat((seq, nxt), dim=1)
         yield nxt
 

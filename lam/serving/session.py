@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from lam.models.sampling import context_begin, penalized, sample_next, stream_text
+from lam.models.sampling import context_begin, sample_penalized, stream_text
 from lam.serving.model import Model, check_sampling, seeded_generator, stop_list
 
 
@@ -53,15 +53,11 @@ class Session:
         self.ids += self.model.tokenizer.encode(text)
         if not self.ids:
             return
-        counts = None  # (1, vocab): how often each token was sampled in this reply, where a penalty asks for it
+        counts = None  # of this reply's tokens (sample_penalized)
         for _ in range(self.max_new_tokens):
-            logits = self.next_logits()
-            if self.frequency_penalty or self.presence_penalty:
-                counts = torch.zeros_like(logits, dtype=torch.float) if counts is None else counts
-                logits = penalized(logits.float(), counts, self.frequency_penalty, self.presence_penalty)
-            token = int(sample_next(logits, self.temperature, self.top_k, self.top_p, self.generator))
-            if counts is not None:
-                counts[0, token] += 1
+            nxt, counts = sample_penalized(self.next_logits(), counts, self.frequency_penalty, self.presence_penalty,
+                                           self.temperature, self.top_k, self.top_p, self.generator)
+            token = int(nxt)
             self.ids.append(token)  # read by the state with the next step, or the next turn
             yield token
 

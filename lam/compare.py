@@ -10,6 +10,7 @@ against wall time. A folder that is not a run is searched for runs below it, so 
 from __future__ import annotations
 
 import argparse
+import glob
 from pathlib import Path
 
 from rich.console import Console
@@ -30,8 +31,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="a column of csv/metrics.csv, lower is better (default: val/loss)")
     args = parser.parse_args(argv)
 
-    if missing := [r for r in args.runs if not Path(r).exists()]:
-        raise UserError(f"{missing[0]} does not exist")
+    if missing := [r for r in args.runs if not (glob.glob(r) if glob.has_magic(r) else Path(r).exists())]:
+        raise UserError(f"{missing[0]} {'matches nothing' if glob.has_magic(missing[0]) else 'does not exist'}")
     paths = find_runs(args.runs)
     if not paths:
         raise UserError(f"no runs (folders with .hydra/config.yaml) in {' '.join(args.runs)}")

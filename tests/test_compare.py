@@ -92,6 +92,18 @@ def test_no_runs_is_a_one_line_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         main([str(tmp_path), str(tmp_path / "gone")])
     assert exit.value.code == 1 and capsys.readouterr().err.strip() == f"error: {tmp_path / 'gone'} does not exist"
+    with pytest.raises(SystemExit) as exit:
+        main([str(tmp_path / "gone*")])
+    assert exit.value.code == 1 and capsys.readouterr().err.strip() == f"error: {tmp_path / 'gone*'} matches nothing"
+
+
+def test_a_quoted_glob_is_expanded(tmp_path, capsys):
+    fake_run(tmp_path / "run1", seed=1, lr=1e-3, val_losses=[2.0])
+    fake_run(tmp_path / "run2", seed=1, lr=3e-3, val_losses=[2.5])
+    fake_run(tmp_path / "other", seed=1, lr=1e-2, val_losses=[3.0])
+    main([str(tmp_path / "run*"), "--png", str(tmp_path / "c.png")])
+    out = capsys.readouterr().out
+    assert "0.001" in out and "0.003" in out and "0.01 " not in out and "3.0000" not in out
 
 
 def test_a_metric_no_run_logged_is_a_one_line_error_naming_the_logged_ones(tmp_path, capsys):

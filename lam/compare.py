@@ -18,7 +18,7 @@ from rich.measure import Measurement
 
 from lam.config import report_user_errors
 from lam.errors import UserError
-from lam.training.runs import csv_columns, find_runs, load_run, plot, table
+from lam.training.runs import csv_columns, expand, find_runs, load_run, plot, table
 
 
 @report_user_errors
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="a column of csv/metrics.csv, lower is better (default: val/loss)")
     args = parser.parse_args(argv)
 
-    if missing := [r for r in args.runs if not (glob.glob(r) if glob.has_magic(r) else Path(r).exists())]:
+    if missing := [r for r in args.runs if not expand(r)]:
         raise UserError(f"{missing[0]} {'matches nothing' if glob.has_magic(missing[0]) else 'does not exist'}")
     paths = find_runs(args.runs)
     if not paths:

@@ -61,12 +61,19 @@ def natural_key(path: Path) -> list:
     return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", str(path))]
 
 
+def expand(arg: str) -> list[Path]:
+    """The paths a command-line argument names: a glob's matches, else the path itself where it exists."""
+    if glob.has_magic(arg):
+        return [Path(p) for p in sorted(glob.glob(arg))]
+    return [Path(arg)] if Path(arg).exists() else []
+
+
 def find_runs(args: list[str]) -> list[Path]:
     """Run folders (those holding .hydra/config.yaml) given, or found below the folders given; globs
     expand."""
     runs = set()
     for arg in args:
-        for path in map(Path, sorted(glob.glob(arg)) if glob.has_magic(arg) else [arg]):
+        for path in expand(arg):
             if (path / ".hydra" / "config.yaml").is_file():
                 runs.add(path)
             else:

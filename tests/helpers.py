@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import functools
+import os
 import random
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -62,3 +65,25 @@ class InterruptAt(StopAt):
     def on_train_batch_end(self, trainer, *args) -> None:
         if trainer.global_step >= self.step:
             raise KeyboardInterrupt
+
+
+class CtrlCInsideStep(L.Callback):
+    """Sends this process SIGINT `presses` times, as Ctrl-C would, inside optimizer step `step`: after the
+    weights took it, before Lightning counts it."""
+
+    def __init__(self, step: int, presses: int = 1):
+        self.step, self.presses = step, presses
+
+    def on_train_start(self, trainer, *args) -> None:
+        optimizer = trainer.optimizers[0]
+        step = optimizer.step  # the scheduler's counting wrapper, where it has one
+
+        @functools.wraps(step)  # keeps the marks Lightning's scheduler check reads
+        def step_then_signal(*args, **kwargs):
+            out = step(*args, **kwargs)
+            if trainer.global_step + 1 == self.step:
+                for _ in range(self.presses):
+                    os.kill(os.getpid(), signal.SIGINT)
+            return out
+
+        optimizer.step = step_then_signal

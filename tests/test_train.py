@@ -3,6 +3,7 @@
 import io
 import json
 import signal
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -139,25 +140,53 @@ def test_resume_with_accumulated_gradients_matches_uninterrupted_run(tmp_path, c
     assert_continues(second, whole, at=10, precision=precision)
 
 
+def interrupted(tmp_path, corpus, interrupter: str, *overrides: str) -> Path:
+    """Run "first" until `interrupter` (a callback in helpers) stops it with Ctrl-C; its checkpoints folder."""
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            run(tmp_path, corpus, *overrides, f"+callbacks.interrupt._target_=helpers.{interrupter}",
+                name="first")
+    finally:
+        signal.signal(signal.SIGINT, sigint)  # Lightning ignores further Ctrl-C while it shuts down
+    return tmp_path / "first" / "checkpoints"
+
+
 def test_ctrl_c_leaves_a_checkpoint_at_that_step_to_resume_from(tmp_path, corpus, whole_run, resume_precision,
                                                                caplog):
     """Ctrl-C at step 25, between validations (every 10 steps): Lightning shuts down and exits, and
     checkpoints/interrupted.ckpt holds step 25, where last.ckpt holds step 20."""
     steps = ["trainer.max_steps=40", *PRECISION[resume_precision]]
-    sigint = signal.getsignal(signal.SIGINT)
-    try:
-        with pytest.raises(SystemExit):
-            run(tmp_path, corpus, *steps, "+callbacks.interrupt._target_=helpers.InterruptAt",
-                "+callbacks.interrupt.step=25", name="first")
-    finally:
-        signal.signal(signal.SIGINT, sigint)  # Lightning ignores further Ctrl-C while it shuts down
-    checkpoints = tmp_path / "first" / "checkpoints"
+    checkpoints = interrupted(tmp_path, corpus, "InterruptAt", *steps, "+callbacks.interrupt.step=25")
     assert torch.load(checkpoints / "interrupted.ckpt", weights_only=True)["global_step"] == 25
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 20
     assert f"stopped at step 25: its state is in {checkpoints / 'interrupted.ckpt'}; the same command with " \
            f"ckpt_path={checkpoints / 'interrupted.ckpt'} resumes it" in caplog.text
     _, second = run(tmp_path, corpus, *steps, f"ckpt_path={checkpoints / 'interrupted.ckpt'}", name="second")
     assert_continues(second, whole_run, at=25, precision=resume_precision)
+
+
+def test_ctrl_c_inside_a_step_stops_after_that_step(tmp_path, corpus, whole_run, resume_precision, caplog):
+    """A real SIGINT that lands inside optimizer step 25, after the weights took it: the run stops at the end
+    of that step, so interrupted.ckpt holds step 25 with its weights, and the resumed run trains no batch
+    twice."""
+    steps = ["trainer.max_steps=40", *PRECISION[resume_precision]]
+    checkpoint = interrupted(tmp_path, corpus, "CtrlCInsideStep", *steps, "+callbacks.interrupt.step=25") \
+        / "interrupted.ckpt"
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["global_step"] == 25
+    assert state["optimizer_states"][0]["state"][0]["step"] == 25  # the optimizer took as many steps
+    assert f"stopped at step 25: its state is in {checkpoint}" in caplog.text
+    _, second = run(tmp_path, corpus, *steps, f"ckpt_path={checkpoint}", name="second")
+    assert_continues(second, whole_run, at=25, precision=resume_precision)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_saves_no_half_step(tmp_path, corpus, caplog):
+    checkpoints = interrupted(tmp_path, corpus, "CtrlCInsideStep", "trainer.max_steps=40", *PRECISION["32-true"],
+                              "+callbacks.interrupt.step=25", "+callbacks.interrupt.presses=2")
+    assert not (checkpoints / "interrupted.ckpt").exists()
+    assert f"stopped inside step 25, so that state was not saved; the same command with " \
+           f"ckpt_path={checkpoints / 'last.ckpt'} resumes from the last checkpoint" in caplog.text
 
 
 def test_a_run_in_a_used_folder_starts_fresh(tmp_path, corpus):

@@ -6,6 +6,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -204,13 +207,53 @@ class SampleText(L.Callback):
 class InterruptedCheckpoint(L.Callback):
     """Saves `dirpath/filename.ckpt` when training stops on an error or Ctrl-C after at least one step, to resume
     from with ckpt_path=. Lightning's OnExceptionCheckpoint does this too, but its presence makes every fit with
-    ckpt_path=None resume from the folder's last.ckpt, so a run started in a used folder would not start fresh."""
+    ckpt_path=None resume from the folder's last.ckpt, so a run started in a used folder would not start fresh.
+
+    Ctrl-C during training stops at the end of the optimizer step under way: one that lands inside it would
+    leave weights that took the step beside a step count that did not, and the resumed run would train that
+    batch twice. A second Ctrl-C stops at once and saves nothing (last.ckpt is the state to resume)."""
 
     def __init__(self, dirpath: str, filename: str = "interrupted"):
         self.path = Path(dirpath) / f"{filename}.ckpt"
+        self.requested = self.forced = False
+        self.step_at_batch_start = 0
+        self.previous_handler = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.requested = self.forced = False
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self.previous_handler = signal.signal(signal.SIGINT, self.on_ctrl_c)
+
+    def on_ctrl_c(self, signum, frame) -> None:
+        if self.requested:
+            self.forced = True
+            raise KeyboardInterrupt
+        self.requested = True
+        sys.stderr.write("\nCtrl-C: stopping at the end of this step (Ctrl-C again stops at once)\n")
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        self.step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        took_a_step = trainer.global_step > self.step_at_batch_start  # not inside accumulated micro-batches
+        if took_a_step and trainer.strategy.reduce_boolean_decision(self.requested, all=False):  # all ranks
+            raise KeyboardInterrupt  # Lightning's shutdown, as for a Ctrl-C, at a step's boundary
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.previous_handler is not None:
+            signal.signal(signal.SIGINT, self.previous_handler)
+            self.previous_handler = None
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if trainer.state.fn == TrainerFn.FITTING and trainer.global_step > 0:
-            trainer.save_checkpoint(self.path)  # the whole state: it resumes
-            rank_zero_info(f"stopped at step {trainer.global_step}: its state is in {self.path}; the same command "
-                           f"with ckpt_path={self.path} resumes it")
+        self.previous_handler = None  # Lightning ignores Ctrl-C from here while it shuts down
+        if trainer.state.fn != TrainerFn.FITTING or trainer.global_step == 0:
+            return
+        if self.forced:
+            last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
+            rank_zero_info(f"stopped inside step {trainer.global_step + 1}, so that state was not saved"
+                           + (f"; the same command with ckpt_path={last} resumes from the last checkpoint"
+                              if last else ""))
+            return
+        trainer.save_checkpoint(self.path)  # the whole state: it resumes
+        rank_zero_info(f"stopped at step {trainer.global_step}: its state is in {self.path}; the same command "
+                       f"with ckpt_path={self.path} resumes it")

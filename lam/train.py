@@ -161,6 +161,8 @@ def validate_the_end(trainer: L.Trainer, model: LanguageModel, datamodule) -> No
     checkpoint, loss = trainer.checkpoint_callback, trainer.callback_metrics["val/loss"]
     if checkpoint is None:
         return
+    if checkpoint.monitor == "val/loss":
+        checkpoint.current_score = loss  # the score the files below are saved with (lam.export records it)
     if checkpoint.monitor == "val/loss" and checkpoint.mode == "min" \
             and (checkpoint.best_model_score is None or loss < checkpoint.best_model_score):
         checkpoint.best_model_path, checkpoint.best_model_score = checkpoint.format_checkpoint_name({}), loss

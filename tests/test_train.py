@@ -7,12 +7,14 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import safetensors
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
 from helpers import TINY, TINY_MODEL, TINY_RUN, column, compose_train, read_metrics
 from lam.config import quote_overrides
+from lam.export import export
 from lam.generate import load_checkpoint, sample
 from lam.train import train
 from precisions import EPS, PRECISION, curves_agree
@@ -187,6 +189,17 @@ def test_a_second_ctrl_c_stops_at_once_and_saves_no_half_step(tmp_path, corpus, 
     assert not (checkpoints / "interrupted.ckpt").exists()
     assert f"stopped inside step 25, so that state was not saved; the same command with " \
            f"ckpt_path={checkpoints / 'last.ckpt'} resumes from the last checkpoint" in caplog.text
+
+
+def test_an_exported_checkpoint_records_the_loss_it_was_saved_with(tmp_path, corpus):
+    """25 steps, validated every 10 and at the end: last.ckpt's model file records the end's val loss (the one
+    metrics.json holds), best.ckpt's the best one."""
+    _, out = run(tmp_path, corpus, "trainer.max_steps=25", *PRECISION["32-true"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    for name, key in ("last", "val_loss"), ("best", "best_val_loss"):
+        export(out / "checkpoints" / f"{name}.ckpt", tmp_path / f"{name}.lam")
+        with safetensors.safe_open(tmp_path / f"{name}.lam", "pt") as f:
+            assert json.loads(f.metadata()["record"])["val_loss"] == pytest.approx(metrics[key], rel=1e-6), name
 
 
 def test_a_run_in_a_used_folder_starts_fresh(tmp_path, corpus):

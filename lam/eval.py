@@ -91,6 +91,10 @@ def run(argv: list[str]) -> dict:
         overrides.append(f"data.block_size={model.info['block_size']}")
     with tempfile.TemporaryDirectory() as folder:
         cfg = compose_train([*overrides, "data.save_dir=null"], folder)
+        learned = model.info["block_size"] if model.info["pos"] != "rope" else None  # positions it reaches
+        if learned and cfg.data.block_size > learned:
+            raise UserError(f"{source} learned positions for {learned} tokens, so data.block_size="
+                            f"{cfg.data.block_size} is too long: set data.block_size<={learned}")
         datamodule = instantiate(cfg.data, tokenizer=model.tokenizer)
         result = {"model": source, "corpus": corpus_name(OmegaConf.to_container(cfg.data, resolve=True)),
                   "block_size": cfg.data.block_size, **evaluate(model, datamodule)}

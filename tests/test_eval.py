@@ -72,6 +72,15 @@ def test_an_override_the_config_cannot_take_is_one_line(trained, tmp_path, capsy
     assert not (tmp_path / "e.json").exists()
 
 
+def test_windows_past_the_learned_positions_are_one_line(trained, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main([f"ckpt={trained / 'checkpoints' / 'last.ckpt'}", "data.block_size=64", f"out={tmp_path / 'e.json'}"])
+    assert exit.value.code == 1 and capsys.readouterr().err.strip() == \
+        f"error: checkpoint {trained / 'checkpoints' / 'last.ckpt'} learned positions for 32 tokens, so " \
+        "data.block_size=64 is too long: set data.block_size<=32"
+    assert not (tmp_path / "e.json").exists()
+
+
 def test_eval_refuses_both_or_neither_model_and_ckpt(tmp_path, capsys):
     for argv in ([], ["model=a.lam", "ckpt=b.ckpt"]):
         with pytest.raises(SystemExit) as exit:

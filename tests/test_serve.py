@@ -113,6 +113,9 @@ def test_health_and_models(client, model):
     [entry] = client.get("/v1/models").json()["data"]
     assert entry["id"] == "tiny" and entry["object"] == "model"
     assert {k: entry[k] for k in model.info} == model.info
+    assert client.get("/v1/models/tiny").json() == entry  # openai's models.retrieve
+    missing = client.get("/v1/models/other")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
 
 
 def test_completion_json_is_the_python_generation_for_the_seed(client, model):
@@ -168,10 +171,19 @@ def test_chat_continues_the_role_template(client, model):
 def test_openais_defaults_for_fields_it_does_not_implement_are_accepted(client, model):
     """What OpenAI's clients send when nothing is asked of logprobs, penalties, ...; max_tokens null: 16."""
     neutral = {"logprobs": None, "frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}, "best_of": 1,
-               "user": "someone", "max_tokens": None}
+               "user": "someone", "max_tokens": None, "temperature": None, "top_p": None, "stream": None,
+               "echo": None, "n": None}
     answer = client.post("/v1/completions", json={"prompt": "To be", "seed": 2, **neutral}).json()
     assert answer["choices"][0]["text"] == model.generate("To be", max_new_tokens=16, seed=2)
     assert answer["usage"]["completion_tokens"] == 16
+
+
+def test_an_unset_max_tokens_is_16_or_the_servers_cap_where_lower(model):
+    capped = TestClient(create_app(model, model_id="tiny", max_tokens=5))
+    for path, body in ("/v1/completions", {"prompt": "To be"}), \
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Who?"}]}):
+        answer = capped.post(path, json={**body, "seed": 1, "logprobs": None})
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 5, answer.text
 
 
 def test_penalties_sample_as_the_python_generation_does(client, model):

@@ -61,7 +61,8 @@ class Sampling(BaseModel):
     model_config = ConfigDict(strict=True)
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=0)  # null: DEFAULT_MAX_TOKENS; 0 only to score an echoed prompt
+    max_tokens: int | None = Field(None, ge=0)  # null: DEFAULT_MAX_TOKENS or the server's cap if lower; 0
+    # only to score an echoed prompt
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_k: int | None = Field(None, ge=1)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -74,11 +75,17 @@ class Sampling(BaseModel):
     stream_options: dict[str, bool] | None = None
 
 
+    @model_validator(mode="before")
+    @classmethod
+    def null_is_the_default(cls, fields):
+        """A field sent as null takes its default, as OpenAI's API does (clients send null for "unset")."""
+        return {k: v for k, v in fields.items() if v is not None} if isinstance(fields, dict) else fields
+
     @model_validator(mode="after")
     def token_limit(self) -> Sampling:
-        """A chat's max_completion_tokens (OpenAI's newer name) where given, else max_tokens, else the default."""
-        newer = getattr(self, "max_completion_tokens", None)
-        self.max_tokens = newer or (DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens)
+        """A chat's max_completion_tokens (OpenAI's newer name) where given, else max_tokens; null where neither
+        is (the server's default applies)."""
+        self.max_tokens = getattr(self, "max_completion_tokens", None) or self.max_tokens
         return self
 
 
@@ -151,6 +158,8 @@ class Server:
         if params.model is not None and params.model != self.model_id:
             raise APIError(404, f"the model {params.model!r} does not exist; this server has {self.model_id!r}",
                            "model", "model_not_found")
+        if params.max_tokens is None:  # unset: OpenAI's default, within this server's cap
+            params.max_tokens = min(DEFAULT_MAX_TOKENS, self.max_tokens)
         if params.max_tokens == 0 and not getattr(params, "echo", False):
             raise APIError(400, "max_tokens must be >= 1 (0 only with echo: true, to score the prompt)",
                            "max_tokens")
@@ -322,10 +331,18 @@ def create_app(model, model_id: str = "lam", max_prompt_tokens: int = 4096, max_
     async def health() -> dict:
         return {"status": "ok", "model": model_id, "max_tokens": max_tokens, "max_prompt_tokens": max_prompt_tokens}
 
+    card = {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "lam", **model.info}
+
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "lam",
-                                            **model.info}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{name}")
+    async def one_model(name: str) -> dict:
+        if name != model_id:
+            raise APIError(404, f"the model {name!r} does not exist; this server has {model_id!r}", "model",
+                           "model_not_found")
+        return card
 
     async def respond(request: Request, params: Sampling, prompt: str, kind: str):
         chat = kind == "chatcmpl"

@@ -3,6 +3,7 @@ and the page in a real browser (Debian's chromium driven by Playwright)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ from lam.data.tokenizer import CharTokenizer
 from lam.errors import UserError
 from lam.models import LAM
 from lam.serving import Model
-from lam.serving.server import Message, chat_prompt, create_app, running
+from lam.serving.server import APIError, Message, chat_prompt, create_app, running, until_disconnected
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -404,6 +405,23 @@ def test_a_client_that_disconnects_stops_its_generation(live):
         # the lock is free again: the next request is answered
         answer = http.post("/v1/completions", json={"prompt": "To", "max_tokens": 3}).json()
         assert len(answer["choices"][0]["text"]) == 3
+
+
+def test_a_plain_request_whose_client_leaves_is_answered_499():
+    """The work is cancelled and awaited until it ends, so the answer is the 499, not an error of reading a
+    task that was still cancelling."""
+    class Leaving:
+        async def receive(self) -> dict:
+            await asyncio.sleep(0.01)
+            return {"type": "http.disconnect"}
+
+    async def slow() -> str:
+        await asyncio.sleep(10)
+        return "never"
+
+    with pytest.raises(APIError) as error:
+        asyncio.run(until_disconnected(Leaving(), slow()))
+    assert error.value.status == 499
 
 
 def test_a_client_that_gives_up_on_a_plain_request_stops_its_generation(live):

@@ -260,6 +260,7 @@ async def until_disconnected(request: Request, work):
     finally:
         task.cancel()  # a no-op where it is done
         watch.cancel()
+        await asyncio.gather(task, watch, return_exceptions=True)  # a cancelled task ends at its next await
     if task.cancelled():  # nobody is left to read the answer
         raise APIError(499, "the client closed the request", kind="client_closed_request")
     return task.result()

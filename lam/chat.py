@@ -64,8 +64,13 @@ def chat(session: Session, read=input, write=print) -> None:
                 return
             write(said)
             continue
+        try:
+            pieces = session.turn(line + "\n")
+        except UserError as e:  # e.g. a character the model's vocabulary lacks: that line is not said
+            write(f"({e})")
+            continue
         write("lam> ", end="", flush=True)
-        for piece in session.turn(line + "\n"):
+        for piece in pieces:
             write(piece, end="", flush=True)
         write("")
 

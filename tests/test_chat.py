@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import lam
-from lam.chat import HELP, command
+from lam.chat import HELP, chat, command
 from lam.data.tokenizer import CharTokenizer
 from lam.models import LAM
 from lam.models.attention import LinearAttention, SoftmaxAttention
@@ -57,7 +57,7 @@ def test_three_turns_give_the_tokens_of_the_whole_transcript(attention, pos, blo
     """With learned positions and block_size 40 the transcript outgrows the context: the last 40 tokens."""
     m = model(attention, pos, block_size)
     session = Session(m, max_new_tokens=12, temperature=0)
-    replies = [list(session.tokens(text)) for text in TURNS]
+    replies = [list(session.tokens(TOKENIZER.encode(text))) for text in TURNS]
     assert replies == recomputed(m, TURNS, 12)
     assert len(session.ids) > block_size or pos == "rope"
 
@@ -69,7 +69,7 @@ def test_penalties_count_the_tokens_of_each_reply(frequency, presence):
         for p in m.net.parameters():  # larger weights than the init's: replies of varied tokens, not one repeated
             p.mul_(8)
     session = Session(m, max_new_tokens=20, temperature=0, frequency_penalty=frequency, presence_penalty=presence)
-    replies = [list(session.tokens(text)) for text in TURNS]
+    replies = [list(session.tokens(TOKENIZER.encode(text))) for text in TURNS]
     assert replies == recomputed(m, TURNS, 20, frequency, presence)
     assert replies != recomputed(m, TURNS, 20)  # the penalties changed what was picked
 
@@ -99,7 +99,7 @@ def test_context_shift_gives_the_tokens_of_its_shifted_contexts(first):
     m = model(SoftmaxAttention, "learned", 40)
     turns = [first, *TURNS[1:]]
     session = Session(m, max_new_tokens=20, temperature=0, context_shift=True)
-    replies = [list(session.tokens(text)) for text in turns]
+    replies = [list(session.tokens(TOKENIZER.encode(text))) for text in turns]
     assert replies == shifted(m, turns, 20)
     assert replies != recomputed(m, turns, 20)  # the shifted contexts are shorter than the sliding window's
     assert session.begin > 40 and len(session.ids) - session.begin <= 40
@@ -137,6 +137,26 @@ def test_a_command_with_a_value_out_of_range_leaves_the_session_as_it_was():
     assert command(session, "/temp 0") == "(temperature 0.0, top_k 10, max 30)" and session.temperature == 0
     assert command(session, "/help") == f"({HELP})" and "/help" in HELP
     assert command(session, "/quit") is None
+
+
+def test_a_line_the_vocabulary_cannot_read_is_refused_and_the_chat_goes_on():
+    session = Session(model(LinearAttention, "rope"), max_new_tokens=5, temperature=0)
+    lines, said = iter(["the king", "the k\u00efng", "and"]), []
+
+    def read(prompt: str) -> str:
+        line = next(lines, None)
+        if line is None:
+            raise EOFError  # Ctrl-D
+        return line
+
+    chat(session, read=read, write=lambda text="", **kw: said.append(text))
+    refusals = [text for text in said if text.startswith("(")]
+    assert len(refusals) == 1 and "\u00ef" in refusals[0]
+    assert said.count("lam> ") == 2  # the lines before and after were answered
+    expected = Session(model(LinearAttention, "rope"), max_new_tokens=5, temperature=0)
+    for text in ("the king\n", "and\n"):
+        list(expected.turn(text))
+    assert session.ids == expected.ids  # the refused line left the transcript as it was
 
 
 def terminal(text: str) -> str:

@@ -49,8 +49,8 @@ class Session:
         self.fed = len(self.ids)
         return logits[:, -1]
 
-    def tokens(self, text: str) -> Iterator[int]:
-        self.ids += self.model.tokenizer.encode(text)
+    def tokens(self, new_ids: list[int]) -> Iterator[int]:
+        self.ids += new_ids
         if not self.ids:
             return
         counts = None  # of this reply's tokens (sample_penalized)
@@ -62,8 +62,9 @@ class Session:
             yield token
 
     def turn(self, text: str) -> Iterator[str]:
-        """Add `text` to the transcript and yield the continuation in pieces, ending before a stop string (the
-        tokens sampled stay in the transcript)."""
+        """Add `text` to the transcript and return the continuation's pieces, ending before a stop string (the
+        tokens sampled stay in the transcript). A text the tokenizer cannot read, or a setting out of range, is
+        refused here (UserError), before the transcript changes."""
         check_sampling(self.max_new_tokens, self.temperature, self.top_k, self.top_p,
                        frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty)
-        yield from stream_text(self.tokens(text), self.model.tokenizer.decode, self.stop)
+        return stream_text(self.tokens(self.model.tokenizer.encode(text)), self.model.tokenizer.decode, self.stop)

@@ -56,6 +56,8 @@ def test_block_size_longer_than_validation_split(tmp_path):
     with pytest.raises(UserError, match=r"data.block_size=64 does not fit: the val split has only 41 tokens; "
                                         r"use data.block_size<=40 or more text"):
         train_on(tmp_path / "short.txt", tmp_path, "data.block_size=64")
+    with pytest.raises(UserError, match=r"the val split has only 41 tokens; use data.block_size<=40 or more"):
+        train_on(tmp_path / "short.txt", tmp_path, "data.block_size=1000")  # longer than the train split too
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert not (tmp_path / "run" / "tokenizer.json").exists()  # the run folder holds only its log
     (tmp_path / "tiny.txt").write_text("to be or")  # 1 val token: no block size fits

@@ -267,11 +267,11 @@ class TextDataModule(L.LightningDataModule):
             return
         meta = self.meta
         cache = self.cache_dir
-        for name, count in meta["tokens"].items():
-            if count < self.block_size + 1:
-                fix = f"use data.block_size<={count - 1} or more text" if count > 1 else "use more text"
-                raise UserError(f"data.block_size={self.block_size} does not fit: the {name} split has only "
-                                f"{count} tokens; {fix}")
+        name, count = min(meta["tokens"].items(), key=lambda split: split[1])  # the hint must fit every split
+        if count < self.block_size + 1:
+            fix = f"use data.block_size<={count - 1} or more text" if count > 1 else "use more text"
+            raise UserError(f"data.block_size={self.block_size} does not fit: the {name} split has only "
+                            f"{count} tokens; {fix}")
         self.tokenizer = load_tokenizer(cache / "tokenizer.json", trusted=(type(self.tokenizer),))
         if self.save_dir:
             save_tokenizer(self.tokenizer, self.save_dir)

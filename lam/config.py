@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from functools import wraps
 from pathlib import Path
@@ -229,4 +230,9 @@ def output_file(path: str | Path, example: str, key: str = "out") -> Path:
         raise UserError(f"{key}={path} is a folder; give a file name, e.g. {key}={path / example}")
     if not path.parent.is_dir():
         raise UserError(f"{key}={path}: folder {path.parent} does not exist")
+    try:  # a file made and removed again: a folder that takes no file is refused before any work
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise UserError(f"{key}={path}: folder {path.parent} takes no new file ({e.strerror})") from None
     return path

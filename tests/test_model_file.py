@@ -225,6 +225,11 @@ def test_export_cli_writes_the_file_and_names_it(tmp_path):
                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 1 and result.stderr.strip() == f"error: out={tmp_path}/no/x.lam: folder " \
                                                                f"{tmp_path}/no does not exist"
+    result = subprocess.run([sys.executable, "-m", "lam.export", f"ckpt={ckpt}", "out=/proc/x.lam"],
+                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 1 and result.stderr.startswith("error: out=/proc/x.lam: folder /proc takes no new "
+                                                               "file (")  # its reason: root's or a user's
+    assert len(result.stderr.strip().splitlines()) == 1
     before = sorted(tmp_path.iterdir())
     result = subprocess.run([sys.executable, "-m", "lam.export", f"ckpt={ckpt}", f"out={tmp_path}"],
                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -72,6 +72,16 @@ def test_sampling_prompt_outside_the_vocabulary_stops_before_training(tmp_path, 
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_the_default_prompt_on_a_text_without_newlines_names_prompts_that_work(tmp_path):
+    """The default prompt is a newline; a text with none gets a one-line error naming a prompt of its own."""
+    (tmp_path / "flat.txt").write_text("to be or not to be, that is the question. " * 40)
+    with pytest.raises(UserError) as error:
+        train_on(tmp_path / "flat.txt", tmp_path, "trainer.max_steps=2")
+    assert str(error.value).startswith("callbacks.samples.prompts: '\\n': character '\\n' is not in")
+    assert str(error.value).endswith("e.g. callbacks.samples.prompts=[a], or callbacks.samples=null for no samples")
+    train_on(tmp_path / "flat.txt", tmp_path, "trainer.max_steps=2", "callbacks.samples.prompts=[a]")  # it works
+
+
 def test_checkpoint_that_does_not_exist(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.ckpt")

@@ -144,11 +144,15 @@ class SampleText(L.Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         """Stop before training, not at the first sampling, on a prompt the tokenizer cannot encode."""
+        tokenizer = trainer.datamodule.tokenizer
         for prompt in self.prompts:
             try:
-                trainer.datamodule.tokenizer.encode(prompt)
+                tokenizer.encode(prompt)
             except UserError as e:
-                raise UserError(f"callbacks.samples.prompts: {prompt!r}: {e}") from None
+                letters = (c for c in map(tokenizer.decode, ([i] for i in range(tokenizer.vocab_size))) if c.isalpha())
+                example = next(letters, tokenizer.decode([0]))
+                raise UserError(f"callbacks.samples.prompts: {prompt!r}: {e}; e.g. callbacks.samples.prompts="
+                                f"[{example}], or callbacks.samples=null for no samples") from None
 
     def samples(self, trainer, pl_module) -> list[tuple[str, str]]:
         tokenizer = trainer.datamodule.tokenizer

@@ -63,9 +63,14 @@ def load_model(model: str | None, ckpt: str | None, device: str = "cpu") -> tupl
     return Model(net.to(device), tokenizer, config["model"], record), f"checkpoint {ckpt}"
 
 
+def command_line_text(text: str) -> str:
+    """A text as typed on a command line: \\n and \\t in it mean newline and tab."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
 def command_line_stops(stop) -> list[str]:
-    """Stop strings as typed on a command line (a string or a list): \\n and \\t in them mean newline and tab."""
-    return [s.replace("\\n", "\n").replace("\\t", "\t") for s in stop_list(stop)]
+    """Stop strings as typed on a command line (a string or a list), read by `command_line_text`."""
+    return [command_line_text(s) for s in stop_list(stop)]
 
 
 def sample(net: torch.nn.Module, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, out=sys.stdout,
@@ -119,14 +124,15 @@ def main(cfg: DictConfig) -> None:
                    compile=cfg.compile, context_shift=cfg.context_shift, generator=generator,
                    frequency_penalty=cfg.frequency_penalty, presence_penalty=cfg.presence_penalty,
                    stop=command_line_stops(cfg.stop))
+    prompt = command_line_text(cfg.prompt)
     if cfg.num_samples == 1:
-        sample(model.net, model.tokenizer, cfg.prompt, cfg.max_new_tokens, **options)
+        sample(model.net, model.tokenizer, prompt, cfg.max_new_tokens, **options)
         return
-    for i, text in enumerate(sample_batch(model.net, model.tokenizer, cfg.prompt, cfg.max_new_tokens,
+    for i, text in enumerate(sample_batch(model.net, model.tokenizer, prompt, cfg.max_new_tokens,
                                           cfg.num_samples, **options)):
         if i:
             print("-" * 40)
-        print(cfg.prompt + text)
+        print(prompt + text)
 
 
 if __name__ == "__main__":

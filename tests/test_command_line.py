@@ -49,3 +49,8 @@ def test_generate_takes_a_prompt_with_commas_quotes_and_accents(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(prompt) and len(done.stdout.rstrip("\n")) >= len(prompt)
+    done = subprocess.run([sys.executable, "-m", "lam.generate", f"model={tmp_path / 'm.lam'}", "prompt=\\nO\\n",
+                           "max_new_tokens=4", "temperature=0", "num_samples=2"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})  # the empty prompt's hint
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("\nO\n")

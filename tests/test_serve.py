@@ -356,6 +356,21 @@ def test_a_chat_the_model_cannot_read_names_its_messages(client, content, messag
     assert response.status_code == 400 and error["param"] == "messages" and error["message"].startswith(message)
 
 
+def test_a_chat_message_may_give_its_content_as_text_parts(client, model):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Who goes "}, {"type": "text", "text": "there?"}]}]
+    plain = [{"role": "user", "content": "Who goes there?"}]
+    answers = [client.post("/v1/chat/completions", json={"messages": m, "max_tokens": 6, "seed": 3}).json()
+               for m in (parts, plain)]
+    assert answers[0]["choices"] == answers[1]["choices"]
+
+
+@pytest.mark.parametrize("message", [{"role": "wizard", "content": "hi"},
+                                     {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+def test_a_chat_message_with_an_unknown_role_or_a_part_that_is_not_text_is_a_400(client, message):
+    response = client.post("/v1/chat/completions", json={"messages": [message]})
+    assert response.status_code == 400 and response.json()["error"]["param"].startswith("messages"), response.text
+
+
 @pytest.mark.parametrize("body", [b"{not json", b"[]", b'{"messages": []}', b'{"messages": [{"role": "user"}]}'])
 def test_a_malformed_body_is_a_400(client, body):
     for path in ("/v1/completions", "/v1/chat/completions"):

@@ -95,11 +95,24 @@ class CompletionRequest(Sampling):
     logprobs: int | None = Field(None, ge=0, le=5)  # the log-probability of each token, and this many alternatives
 
 
+class TextPart(BaseModel):
+    """One part of a message's content given as a list, OpenAI's form: only text parts."""
+    model_config = ConfigDict(strict=True)
+
+    type: Literal["text"]
+    text: str
+
+
 class Message(BaseModel):
     model_config = ConfigDict(strict=True)
 
-    role: str = Field(min_length=1)
-    content: str
+    role: Literal["system", "developer", "user", "assistant", "tool"]  # OpenAI's roles
+    content: str | list[TextPart]
+
+    @property
+    def text(self) -> str:
+        """The content as one string: a list's text parts joined."""
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
 
 class ChatRequest(Sampling):
@@ -131,7 +144,7 @@ async def read_request(request: Request, schema: type[Sampling]) -> Sampling:
 def chat_prompt(messages: list[Message]) -> str:
     """The plain template the chat endpoint continues: one "role: content" line per message, then "assistant:".
     LAM's models are not instruction-tuned; they continue this text as they would any other."""
-    return "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"
+    return "".join(f"{m.role}: {m.text}\n" for m in messages) + "assistant:"
 
 
 def stop_strings(stop: str | list[str] | None) -> list[str] | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -38,12 +39,16 @@ def test_an_unparseable_value_of_any_key_is_quoted_and_the_rest_pass_unchanged(t
     assert quote_overrides(["prompt='open"], ["prompt"]) == ["prompt='\\'open'"]
 
 
-def test_generate_takes_a_prompt_with_commas_quotes_and_accents(tmp_path):
-    prompt = "O Romeo, Romeo! 'tis é日本"
-    tokenizer = CharTokenizer("".join(sorted(set(prompt + "\n"))))
+def tiny_model_file(tmp_path, characters: str) -> Path:
+    tokenizer = CharTokenizer("".join(sorted(set(characters))))
     cfg = compose_train([*TINY_MODEL, "data.block_size=16"], tmp_path)
     config = OmegaConf.to_container(cfg.model, resolve=True)
-    Model(build(config, "test", vocab_size=tokenizer.vocab_size), tokenizer, config).save(tmp_path / "m.lam")
+    return Model(build(config, "test", vocab_size=tokenizer.vocab_size), tokenizer, config).save(tmp_path / "m.lam")
+
+
+def test_generate_takes_a_prompt_with_commas_quotes_and_accents(tmp_path):
+    prompt = "O Romeo, Romeo! 'tis é日本"
+    tiny_model_file(tmp_path, prompt + "\n")
     done = subprocess.run([sys.executable, "-m", "lam.generate", f"model={tmp_path / 'm.lam'}", f"prompt={prompt}",
                            "max_new_tokens=4", "temperature=0"], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -54,3 +59,11 @@ def test_generate_takes_a_prompt_with_commas_quotes_and_accents(tmp_path):
                           timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})  # the empty prompt's hint
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("\nO\n")
+
+
+def test_generate_into_a_pipe_the_reader_leaves_ends_without_a_traceback(tmp_path):
+    model = tiny_model_file(tmp_path, "abc\n")
+    done = subprocess.run(f"{sys.executable} -m lam.generate model={model} prompt=a max_new_tokens=100000 "
+                          "temperature=1 | head -c 1", shell=True, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.stdout == "a" and "Traceback" not in done.stderr and "Error" not in done.stderr, done.stderr

@@ -170,11 +170,13 @@ def refusals(tmp_path, marker):
         "not LAM's": (plain, "is not a LAM model file"),
         "not safetensors": (text, "is not a LAM model file"),
         "newer version": (rewritten("v2.lam", version="2"), "of version 2; this LAM reads version 1"),
+        "huge config": (rewritten("huge.lam", config=json.dumps({**config, "n_embd": 2**20})),  # TBs of weights
+                        "does not match its model config: wte.weight is"),
     }
 
 
 CASES = ["truncated", "changed byte", "foreign target", "foreign tokenizer", "not LAM's", "not safetensors",
-         "newer version"]
+         "newer version", "huge config"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -132,9 +132,16 @@ def read(path: str | Path, device: str = "cpu") -> ModelFile:
         tokenizer = load_tokenizer(json.loads(metadata["tokenizer"]))
     except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise UserError(f"{path} has unreadable metadata ({type(e).__name__}: {e})") from None
-    net = build(config, str(path), vocab_size=tokenizer.vocab_size)
     if not isinstance(tied, dict) or not set(tied.values()) <= set(tensors):
         raise UserError(f"{path} names tied weights it does not hold")
+    with torch.device("meta"):  # shapes without memory: a config that asks for huge tensors allocates nothing
+        shapes = build(config, str(path), vocab_size=tokenizer.vocab_size).state_dict()
+    for name, wanted in shapes.items():
+        stored = tensors.get(tied.get(name, name))
+        if stored is not None and stored.shape != wanted.shape:
+            raise UserError(f"{path} does not match its model config: {name} is {tuple(stored.shape)} in the "
+                            f"file, {tuple(wanted.shape)} by the config")
+    net = build(config, str(path), vocab_size=tokenizer.vocab_size)
     if tied != (config_ties := tied_names(net.state_dict())):  # else loading one tensor would overwrite another
         raise UserError(f"{path} ties {tied or 'no weights'}, but its model config ties {config_ties or 'none'}")
     for name, stored in tied.items():

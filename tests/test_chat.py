@@ -129,7 +129,8 @@ def test_a_stop_string_ends_the_turn_and_reset_forgets():
 def test_a_command_with_a_value_out_of_range_leaves_the_session_as_it_was():
     session = Session(model(LinearAttention, "rope"), max_new_tokens=30, temperature=0.5, top_k=10)
     kept = (session.temperature, session.top_k, session.max_new_tokens)
-    for line, says in [("/temp -1", "temperature must be >= 0"), ("/max 0", "max_new_tokens must be"),
+    for line, says in [("/temp -1", "temperature must be a finite number >= 0"),
+                       ("/temp inf", "temperature must be a finite"), ("/max 0", "max_new_tokens must be"),
                        ("/topk 0", "top_k must be"), ("/temp hot", "/temp takes a number")]:
         assert says in command(session, line)
         assert (session.temperature, session.top_k, session.max_new_tokens) == kept

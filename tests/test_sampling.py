@@ -69,7 +69,10 @@ def test_num_samples_runs_as_one_batch():
 
 
 @pytest.mark.parametrize("args, message", [
-    (dict(temperature=-0.5), "temperature must be >= 0"),
+    (dict(temperature=-0.5), "temperature must be a finite number >= 0"),
+    (dict(temperature=float("inf")), "temperature must be a finite number >= 0"),
+    (dict(temperature=float("nan")), "temperature must be a finite number >= 0"),
+    (dict(temperature=True), "temperature must be a finite number >= 0"),
     (dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 0"),
     (dict(top_p=0.0), "top_p must be in (0, 1]"),
     (dict(top_p=1.5), "top_p must be in (0, 1]"),

@@ -30,8 +30,8 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
     least = 0 if allow_zero_tokens else 1
     if not isinstance(max_new_tokens, int) or max_new_tokens < least:
         raise UserError(f"max_new_tokens must be an integer >= {least}, got {max_new_tokens!r}")
-    if not isinstance(temperature, (int, float)) or not temperature >= 0:
-        raise UserError(f"temperature must be >= 0 (0: greedy), got {temperature!r}")
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature < math.inf:
+        raise UserError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise UserError(f"top_k must be an integer >= 1, or null for all tokens, got {top_k!r}")
     if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:

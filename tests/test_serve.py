@@ -215,6 +215,13 @@ def recomputed_logprobs(model, ids: list[int]) -> list[torch.Tensor]:
         return [model.net(torch.tensor([ids[max(0, i - 64):i]]))[0][0, -1].log_softmax(-1) for i in range(1, len(ids))]
 
 
+def test_logprobs_of_no_ids_are_none_and_an_id_outside_the_vocabulary_is_refused(model):
+    assert model.logprobs([]) == [] and model.logprobs([3]) == []  # nothing before the first token to score
+    for ids in ([1, model.tokenizer.vocab_size], [-1, 2], [1, 2.0]):
+        with pytest.raises(ValueError, match=r"^ids must be token ids, integers in \[0, "):
+            model.logprobs(ids)
+
+
 def test_logprobs_past_the_position_table_are_those_of_the_window_sampling_recomputes(model):
     ids = model.tokenizer.encode("To be, or not to be: that is the question. Whether tis nobler in the mind to suffer")
     assert len(ids) > 64

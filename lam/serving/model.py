@@ -150,10 +150,13 @@ class Model:
         """For each position i >= start (>= 1) of `ids`: the log-probability of ids[i] after ids[:i], as the model
         gives it at temperature 1 and sampling sees it (from the last max_context tokens where the positions are
         learned), with the `top` most likely ids there and theirs."""
+        vocab = self.tokenizer.vocab_size
+        if bad := [i for i in ids if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < vocab]:
+            raise ValueError(f"ids must be token ids, integers in [0, {vocab}); got {bad[0]!r}")
         limit, n = getattr(self.net, "max_context", None), len(ids)
-        tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
+        tokens = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
         rows = []  # rows[j]: the log-probabilities of the token after ids[:j + 1]
-        whole = n - 1 if limit is None else min(n - 1, limit)
+        whole = max(n - 1, 0) if limit is None else min(max(n - 1, 0), limit)
         if whole:
             rows += list(self.net(tokens[:, :whole])[0][0].float().log_softmax(-1))
         for i in range(whole + 1, n):  # past the position table: the window sampling recomputes

@@ -91,7 +91,7 @@ def run(argv: list[str]) -> dict:
         overrides.append(f"data.block_size={model.info['block_size']}")
     with tempfile.TemporaryDirectory() as folder:
         cfg = compose_train([*overrides, "data.save_dir=null"], folder)
-        learned = model.info["block_size"] if model.info["pos"] != "rope" else None  # positions it reaches
+        learned = getattr(model.net, "max_context", None)  # the positions it learned; None: any length
         if learned and cfg.data.block_size > learned:
             raise UserError(f"{source} learned positions for {learned} tokens, so data.block_size="
                             f"{cfg.data.block_size} is too long: set data.block_size<={learned}")

@@ -153,10 +153,12 @@ class Model:
         vocab = self.tokenizer.vocab_size
         if bad := [i for i in ids if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < vocab]:
             raise ValueError(f"ids must be token ids, integers in [0, {vocab}); got {bad[0]!r}")
+        if len(ids) < 2:  # no token with one before it to score
+            return []
         limit, n = getattr(self.net, "max_context", None), len(ids)
-        tokens = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+        tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
         rows = []  # rows[j]: the log-probabilities of the token after ids[:j + 1]
-        whole = max(n - 1, 0) if limit is None else min(max(n - 1, 0), limit)
+        whole = n - 1 if limit is None else min(n - 1, limit)
         if whole:
             rows += list(self.net(tokens[:, :whole])[0][0].float().log_softmax(-1))
         for i in range(whole + 1, n):  # past the position table: the window sampling recomputes

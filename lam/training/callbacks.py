@@ -249,7 +249,6 @@ class InterruptedCheckpoint(L.Callback):
             self.previous_handler = None
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        self.previous_handler = None  # Lightning ignores Ctrl-C from here while it shuts down
         if trainer.state.fn != TrainerFn.FITTING or trainer.global_step == 0:
             return
         if self.forced:
